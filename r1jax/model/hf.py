@@ -1,0 +1,196 @@
+"""HF checkpoints in and out: a local folder of `config.json` + `*.safetensors`, without torch.
+
+Loading reads each tensor once per host (safetensors, memory-mapped), converts it to our
+einsum-friendly layout and builds the global array with `jax.make_array_from_callback`, so each
+device receives only its shard. Saving writes `config.json`, safetensors shards and (when there
+is more than one shard) `model.safetensors.index.json`, which `transformers` loads as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from r1jax.model.build import abstract_model, state_shardings
+from r1jax.model.config import ModelConfig, from_hf_config, to_hf_config
+from r1jax.model.transformer import Transformer
+from r1jax.sharding import DEFAULT_RULES, ShardingRules
+
+INDEX_FILE = "model.safetensors.index.json"
+
+Convert = Callable[[np.ndarray], np.ndarray]
+
+
+def _tensor_map(cfg: ModelConfig) -> Iterator[tuple[tuple, str, tuple[int, ...], Convert, Convert]]:
+    """(our state path, HF name, HF shape, HF → ours, ours → HF) for every parameter."""
+    d, h, g, k, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.intermediate_size, cfg.vocab_size)
+    same: Convert = lambda w: w
+    transpose: Convert = lambda w: w.T
+    yield ("embed",), "model.embed_tokens.weight", (v, d), same, same
+    for i in range(cfg.num_layers):
+        p, hp = ("layers", i), f"model.layers.{i}."
+        yield (*p, "attn_norm", "scale"), hp + "input_layernorm.weight", (d,), same, same
+        yield (*p, "mlp_norm", "scale"), hp + "post_attention_layernorm.weight", (d,), same, same
+        for name, n in (("q", h), ("k", g), ("v", g)):
+            # HF [n·k, d] ↔ ours [d, n, k]
+            yield ((*p, "attn", name), f"{hp}self_attn.{name}_proj.weight", (n * k, d),
+                   lambda w, n=n: w.T.reshape(d, n, k), lambda w, n=n: w.reshape(d, n * k).T)
+            if cfg.qkv_bias:
+                yield ((*p, "attn", f"{name}_bias"), f"{hp}self_attn.{name}_proj.bias", (n * k,),
+                       lambda w, n=n: w.reshape(n, k), lambda w: w.reshape(-1))
+        # HF [d, h·k] ↔ ours [h, k, d]
+        yield ((*p, "attn", "o"), hp + "self_attn.o_proj.weight", (d, h * k),
+               lambda w: w.T.reshape(h, k, d), lambda w: w.reshape(h * k, d).T)
+        if cfg.out_bias:
+            yield (*p, "attn", "o_bias"), hp + "self_attn.o_proj.bias", (d,), same, same
+        yield (*p, "mlp", "gate"), hp + "mlp.gate_proj.weight", (f, d), transpose, transpose
+        yield (*p, "mlp", "up"), hp + "mlp.up_proj.weight", (f, d), transpose, transpose
+        yield (*p, "mlp", "down"), hp + "mlp.down_proj.weight", (d, f), transpose, transpose
+    yield ("final_norm", "scale"), "model.norm.weight", (d,), same, same
+    if not cfg.tie_word_embeddings:
+        yield ("lm_head",), "lm_head.weight", (v, d), transpose, transpose
+
+
+def _get(state: nnx.State, path: tuple) -> nnx.Variable:
+    node = state
+    for key in path:
+        node = node[key]
+    return node
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """HF tensor name → the safetensors file that holds it."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from e
+        missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
+        if missing:
+            raise FileNotFoundError(f"{index} names shard files that do not exist: {missing}")
+        return {name: folder / f for name, f in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors files (and no {INDEX_FILE})")
+    names = {}
+    for f in files:
+        with safe_open(f, framework="numpy") as st:
+            names.update({n: f for n in st.keys()})
+    return names
+
+
+def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+    config = Path(path) / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{config} does not exist: an HF checkpoint folder needs config.json")
+    try:
+        return from_hf_config(json.loads(config.read_text()), **overrides)
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config}: cannot read model config ({type(e).__name__}: {e})") from e
+
+
+def load_hf(
+    path: str | os.PathLike,
+    mesh: Mesh | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
+    **config_overrides,
+) -> Transformer:
+    """A `Transformer` with the weights of a local HF folder, placed as the sharding table says.
+
+    `config_overrides` (e.g. `dtype="bfloat16"`, `remat="full"`) change run-time fields only.
+    """
+    folder = Path(path)
+    cfg = read_config(folder, **config_overrides)
+    files = _tensor_files(folder)
+    graphdef, state = abstract_model(cfg)
+    shardings = state_shardings(state, mesh, rules) if mesh is not None else None
+    handles: dict[Path, object] = {}
+    try:
+        for path_, name, hf_shape, to_ours, _ in _tensor_map(cfg):
+            var = _get(state, path_)
+            if name not in files:
+                raise KeyError(f"{folder}: tensor {name!r} is missing from the checkpoint")
+            if files[name] not in handles:
+                handles[files[name]] = safe_open(files[name], framework="numpy").__enter__()
+            raw = handles[files[name]].get_tensor(name)
+            if tuple(raw.shape) != hf_shape:
+                raise ValueError(
+                    f"{files[name]}: tensor {name!r} has shape {tuple(raw.shape)}, but "
+                    f"{folder / 'config.json'} implies shape {hf_shape}"
+                )
+            value = to_ours(raw).astype(var.dtype)
+            if shardings is None:
+                array = jnp.asarray(value)
+            else:
+                sharding = _get(shardings, path_)
+                array = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+            var.set_value(array)
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return nnx.merge(graphdef, state)
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_hf(
+    model: Transformer,
+    path: str | os.PathLike,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: str | None = None,
+    extra_config: dict | None = None,
+) -> Path:
+    """Write `model` as an HF folder (config.json + safetensors); only process 0 writes."""
+    cfg: ModelConfig = model.cfg
+    folder = Path(path)
+    state = nnx.state(model)
+    dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    tensors = {name: np.ascontiguousarray(to_hf(_host_array(_get(state, p)[...])).astype(dtype))
+               for p, name, _, _, to_hf in _tensor_map(cfg)}
+    if jax.process_index() != 0:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata=meta)
+    else:
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(shard, folder / fname, metadata=meta)
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.nbytes for t in tensors.values())
+        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                    indent=2))
+    hf = to_hf_config(cfg, **(extra_config or {}))
+    hf["torch_dtype"] = str(dtype)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    return folder
+

@@ -1,0 +1,263 @@
+"""The decoder-only transformer of the Llama 3 / Qwen2 / Qwen2.5 family, in Flax NNX.
+
+Einsum letters: b batch, t query positions, s key positions, d model, h query heads,
+g KV heads, r query heads per KV head (h = g·r), k head dim, f mlp, v vocab.
+
+Design choices:
+* Every parameter is an `nnx.Param` carrying its logical axis names (metadata `axes`), which
+  `r1jax.sharding` maps to mesh axes; activations are constrained by logical names.
+* One attention path serves training and sampling: keys live in `KVCache` slots; a query at
+  slot q sees slot s iff s ≤ q and slot s holds a real token (`valid`). Token positions (for
+  RoPE) are per row, so left- or right-padded prompts need no special casing. Without a cache
+  the slots are the sequence itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from r1jax.model.config import ModelConfig
+from r1jax.sharding import constrain
+
+_MASKED = -1e30  # finite, so a fully masked (padding) query row gives no NaN
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer in fixed slots, and which slots hold real tokens."""
+
+    k: tuple[jax.Array, ...]  # per layer [b, S, g, k]
+    v: tuple[jax.Array, ...]  # per layer [b, S, g, k]
+    valid: jax.Array  # [b, S] bool
+    index: jax.Array  # int32 scalar: the next slot to write
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    zeros = tuple(constrain(jnp.zeros(shape, dtype), ("batch", "cache_seq", "kv_heads", "head_dim"))
+                  for _ in range(cfg.num_layers))
+    return KVCache(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal") -> nnx.Param:
+    dtype = jnp.dtype(cfg.param_dtype)
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:  # fan-in scaled normal, the usual LLM init
+        fan_in = shape[0] if len(shape) > 1 else 1
+        value = jax.random.normal(rngs.params(), shape, dtype) * (1.0 / math.sqrt(fan_in))
+    return nnx.Param(value, axes=axes)
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [k/2], with Llama 3 scaling when configured (as HF computes them)."""
+    k = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float64) / k))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv_freq.astype(np.float32)
+    low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+    high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+    smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE. x [b, t, n, k], positions [b, t]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, k/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.eps = cfg.rms_norm_eps
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.scale = _param(rngs, (cfg.hidden_size,), ("norm",), cfg, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, g, k = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q = _param(rngs, (d, h, k), ("embed", "heads", "head_dim"), cfg)
+        self.k = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), cfg)
+        self.o = _param(rngs, (h, k, d), ("heads", "head_dim", "embed"), cfg)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (h, k), ("heads", "head_dim"), cfg, init="zeros")
+            self.k_bias = _param(rngs, (g, k), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.v_bias = _param(rngs, (g, k), ("kv_heads", "head_dim"), cfg, init="zeros")
+        if cfg.out_bias:
+            self.o_bias = _param(rngs, (d,), ("norm",), cfg, init="zeros")
+
+    def _project(self, x, name):
+        dt = x.dtype
+        y = jnp.einsum("btd,dnk->btnk", x, getattr(self, name)[...].astype(dt))
+        if self.cfg.qkv_bias:
+            y = y + getattr(self, f"{name}_bias")[...].astype(dt)
+        return y
+
+    def __call__(self, x, positions, valid, cache_kv, cache_valid, index):
+        """x [b, t, d]; positions/valid [b, t]; cache_kv None or ([b, S, g, k], [b, S, g, k])."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        inv_freq = rope_frequencies(cfg)
+        q = apply_rope(self._project(x, "q"), positions, inv_freq)  # [b, t, h, k]
+        k = apply_rope(self._project(x, "k"), positions, inv_freq)  # [b, t, g, k]
+        v = self._project(x, "v")
+        q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+        if cache_kv is None:
+            keys, values, key_valid = k, v, valid
+            q_slot = jnp.arange(t)
+        else:
+            ck, cv = cache_kv
+            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            keys = constrain(keys, ("batch", "cache_seq", "kv_heads", "head_dim"))
+            values = constrain(values, ("batch", "cache_seq", "kv_heads", "head_dim"))
+            key_valid = cache_valid
+            q_slot = index + jnp.arange(t)
+        s = keys.shape[1]
+        mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # [b, t, s]
+
+        g, r = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+        qg = q.reshape(b, t, g, r, cfg.head_dim)
+        scores = jnp.einsum("btgrk,bsgk->bgrts", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim)
+        scores = jnp.where(mask[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bgrts,bsgk->btgrk", probs, values.astype(q.dtype)).reshape(b, t, cfg.num_heads, -1)
+        y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(q.dtype))
+        if cfg.out_bias:
+            y = y + self.o_bias[...].astype(y.dtype)
+        return y, (None if cache_kv is None else (keys, values))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.up = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.down = _param(rngs, (f, d), ("mlp", "embed"), cfg)
+
+    def __call__(self, x):
+        dt = x.dtype
+        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        h = constrain(h, ("batch", "seq", "mlp"))
+        return h @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, valid, cache_kv, cache_valid, index):
+        y, cache_kv = self.attn(self.attn_norm(x), positions, valid, cache_kv, cache_valid, index)
+        x = constrain(x + y, ("batch", "seq", "act_embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
+        return x, cache_kv
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _run_block(block: Block, *args):
+    return block(*args)
+
+
+class Transformer(nnx.Module):
+    """`model(tokens) -> logits`; `model.hidden_states(...)` for the sampler and chunked losses."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        valid: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-normed hidden states [b, t, d] and the updated cache.
+
+        tokens [b, t] int; valid [b, t] bool marks real tokens (default: all); positions [b, t]
+        default to the count of real tokens before each one (so left padding works). With a
+        cache, the t tokens are written at slots `cache.index …` and attend to all earlier slots.
+        """
+        cfg = self.cfg
+        if valid is None:
+            valid = jnp.ones(tokens.shape, bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        run = _run_block
+        if cfg.remat != "none":
+            run = nnx.remat(_run_block, policy=_REMAT[cfg.remat], prevent_cse=True)
+        cache_valid = index = None
+        if cache is not None:
+            index = cache.index
+            cache_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x, kv = run(block, x, positions, valid, kv, cache_valid, index)
+            if cache is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        h = self.final_norm(x)
+        if cache is not None:
+            cache = KVCache(tuple(new_k), tuple(new_v), cache_valid, index + tokens.shape[1])
+        return h, cache
+
+    def unembedding(self) -> jax.Array:
+        """The output projection as [v, d] (the embedding table when tied)."""
+        return self.embed[...] if self.cfg.tie_word_embeddings else self.lm_head[...].T
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """fp32 logits [b, t, v] from hidden states [b, t, d]."""
+        w = self.unembedding().astype(h.dtype)
+        logits = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab"))
+
+    def __call__(self, tokens, positions=None, valid=None) -> jax.Array:
+        return self.logits(self.hidden_states(tokens, positions, valid)[0])

@@ -1,0 +1,146 @@
+"""Meshes and the one logical-axis → mesh-axis table.
+
+Every parameter, activation and cache array is described by *logical* axis names (`vocab`,
+`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `batch`, …). `ShardingRules` maps each
+logical name to mesh axes (`data`, `fsdp`, `tensor`); nothing else in the code base names a
+mesh axis. Two choices:
+
+* A mesh axis may appear at most once in one array's spec; a table that would place two
+  logical axes of one array on the same mesh axis is rejected when the spec is built.
+* A dimension that the mapped mesh axes do not divide evenly is replicated instead (e.g.
+  Qwen2.5-0.5B's 2 KV heads on `tensor=4`). `spec_for` is the single place that decides
+  this, so parameters, activations and caches agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis name → mesh axis (or axes, or None for replicated).
+
+    Parameters: `vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`.
+    Activations and caches: `batch`, `seq`, `act_embed`, `cache_seq`.
+    """
+
+    batch: MeshAxes = ("data", "fsdp")
+    seq: MeshAxes = None
+    act_embed: MeshAxes = None
+    cache_seq: MeshAxes = None
+    vocab: MeshAxes = "tensor"
+    embed: MeshAxes = "fsdp"
+    heads: MeshAxes = "tensor"
+    kv_heads: MeshAxes = "tensor"
+    head_dim: MeshAxes = None
+    mlp: MeshAxes = "tensor"
+    norm: MeshAxes = None
+
+    def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
+        if logical is None:
+            return ()
+        if not hasattr(self, logical):
+            names = [f.name for f in dataclasses.fields(self)]
+            raise ValueError(f"unknown logical axis {logical!r}; the sharding table knows {names}")
+        axes = getattr(self, logical)
+        if axes is None:
+            return ()
+        return (axes,) if isinstance(axes, str) else tuple(axes)
+
+    @classmethod
+    def from_dict(cls, table: Mapping[str, MeshAxes]) -> ShardingRules:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name, axes in table.items():
+            if name not in known:
+                raise ValueError(f"sharding rule for unknown logical axis {name!r}; known: {sorted(known)}")
+            for a in (axes,) if isinstance(axes, str) else (axes or ()):
+                if a not in MESH_AXES:
+                    raise ValueError(f"sharding rule {name}={axes!r}: mesh axis {a!r} not in {MESH_AXES}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
+
+
+DEFAULT_RULES = ShardingRules()
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh; one axis may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def spec_for(
+    shape: Sequence[int],
+    logical: Sequence[str | None],
+    mesh: Mesh | jax.sharding.AbstractMesh,
+    rules: ShardingRules = DEFAULT_RULES,
+) -> PartitionSpec:
+    """The PartitionSpec the table gives an array of `shape` with these logical axes."""
+    if len(shape) != len(logical):
+        raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
+    used: dict[str, str] = {}
+    spec = []
+    for dim, name in zip(shape, logical, strict=True):
+        axes = tuple(a for a in rules.mesh_axes(name) if mesh.shape.get(a, 1) > 1)
+        for a in axes:
+            if a in used:
+                raise ValueError(
+                    f"sharding table maps both {used[a]!r} and {name!r} of axes {tuple(logical)} "
+                    f"onto mesh axis {a!r}"
+                )
+            used[a] = name
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or dim % size:
+            spec.append(None)
+        else:
+            spec.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(shape, logical, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(shape, logical, mesh, rules))
+
+
+_active_rules: list[ShardingRules] = [DEFAULT_RULES]
+
+
+class use_rules:  # noqa: N801 - used as a context manager like jax.set_mesh
+    """Context manager choosing the table that `constrain` uses for activations."""
+
+    def __init__(self, rules: ShardingRules):
+        self.rules = rules
+
+    def __enter__(self):
+        _active_rules.append(self.rules)
+        return self.rules
+
+    def __exit__(self, *exc):
+        _active_rules.pop()
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation by logical names; a no-op outside a mesh (`jax.set_mesh`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or all(mesh.shape.get(a, 1) == 1 for a in MESH_AXES):
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(x.shape, logical, mesh, _active_rules[-1]))

@@ -1,0 +1,134 @@
+"""The transformer against HF transformers (torch CPU): logits, KV-cache decode, export round trip."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.model import KVCache, get_preset, init_cache, init_model, load_hf, save_hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+
+# Four tiny configs: Qwen2 (bias, tied) and Llama (untied, Llama-3 rope scaling) with GQA ratios 2 and 4,
+# plus MHA with a head_dim that differs from hidden/heads, and Llama with attention bias.
+HF_CONFIGS = {
+    "qwen2_bias_tied_gqa2": ("Qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama_untied_rope3_gqa4": ("Llama", dict(
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32})),
+    "qwen2_untied_mha_headdim": ("Qwen2", dict(num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                                                 tie_word_embeddings=False, rope_theta=1e6)),
+    "llama_bias_tied_gqa2": ("Llama", dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                           tie_word_embeddings=True)),
+}
+
+
+def make_hf_model(kind: str, overrides: dict, folder, seed: int = 0):
+    cfg_cls = getattr(transformers, f"{kind}Config")
+    model_cls = getattr(transformers, f"{kind}ForCausalLM")
+    cfg = cfg_cls(vocab_size=128, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, attn_implementation="eager", **overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # random everything, so biases and norms matter too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(np.array(tokens))).logits.float().numpy()
+
+
+def rel_err(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
+def hf_pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    kind, overrides = HF_CONFIGS[request.param]
+    hf = make_hf_model(kind, overrides, folder)
+    return hf, load_hf(folder), folder
+
+
+def tokens(batch=2, length=40, seed=1):
+    return np.random.default_rng(seed).integers(0, 128, (batch, length))
+
+
+def test_full_forward_matches_hf(hf_pair):
+    hf, model, _ = hf_pair
+    x = tokens()
+    assert rel_err(model(jnp.asarray(x)), hf_logits(hf, x)) <= TOL
+
+
+def test_padded_rows_match_hf_on_each_row(hf_pair):
+    """Right and left padding: each row's real tokens give the logits HF gives the unpadded row."""
+    hf, model, _ = hf_pair
+    x = tokens(2, 20)
+    lens = [20, 13]
+    right = x.copy()
+    right[1, 13:] = 0
+    valid_r = np.arange(20)[None, :] < np.array(lens)[:, None]
+    left = np.zeros_like(x)
+    left[0] = x[0]
+    left[1, 7:] = x[1, :13]
+    valid_l = valid_r[:, ::-1]
+    out_r = np.asarray(model(jnp.asarray(right), valid=jnp.asarray(valid_r)))
+    out_l = np.asarray(model(jnp.asarray(left), valid=jnp.asarray(valid_l)))
+    ref1 = hf_logits(hf, x[1:, :13])[0]
+    assert rel_err(out_r[1, :13], ref1) <= TOL
+    assert rel_err(out_l[1, 7:], ref1) <= TOL
+    assert rel_err(out_r[0], hf_logits(hf, x[:1])[0]) <= TOL
+
+
+def test_prefill_then_decode_through_cache_matches_hf(hf_pair):
+    hf, model, _ = hf_pair
+    x = tokens(2, 24, seed=2)
+    ref = hf_logits(hf, x)
+    prefill = 7
+    cache = init_cache(model.cfg, batch=2, length=32)
+    step = jax.jit(lambda tok, pos, c: model.hidden_states(tok, pos, None, c))
+    h, cache = step(jnp.asarray(x[:, :prefill]), jnp.broadcast_to(jnp.arange(prefill), (2, prefill)), cache)
+    assert isinstance(cache, KVCache) and int(cache.index) == prefill
+    got = [np.asarray(model.logits(h))]
+    for t in range(prefill, x.shape[1]):
+        h, cache = step(jnp.asarray(x[:, t:t + 1]), jnp.full((2, 1), t), cache)
+        got.append(np.asarray(model.logits(h)))
+    assert rel_err(np.concatenate(got, axis=1), ref) <= TOL
+
+
+def test_export_round_trip_loads_in_transformers(hf_pair, tmp_path):
+    _, model, src = hf_pair
+    out = save_hf(model, tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    x = tokens(2, 16, seed=3)
+    assert rel_err(model(jnp.asarray(x)), hf_logits(reloaded, x)) <= TOL
+    assert type(reloaded).__name__ == json.loads((src / "config.json").read_text())["architectures"][0]
+
+
+def test_sharded_export_writes_index_and_reloads(tmp_path):
+    model = init_model(get_preset("tiny-llama"), seed=0)
+    out = save_hf(model, tmp_path / "sharded", max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = load_hf(out)
+    x = jnp.asarray(tokens(1, 8))
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(again(x)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert rel_err(model(x), hf_logits(hf, np.asarray(x))) <= TOL
+
+
+def test_bench_preset_matches_workload_parameter_count():
+    assert get_preset("bench-qwen2-3m").num_params == 3_182_848
