@@ -1,0 +1,291 @@
+"""Reward process pool: score a batch in parallel, each sample under a hard wall-clock timeout.
+
+A reward judges text that a policy is being optimised to break, so a sample may make its reward
+raise, loop forever or hold the GIL inside sympy. The pool turns each of those into that sample's
+`failure_score` (0.0 by default, or None) and a counter in `stats`; the run never stops for it.
+
+Design:
+- One task is one sample, so a hang costs one score, not a batch. A worker that overruns its
+  deadline is SIGKILLed and replaced; one that dies is replaced too.
+- Workers come from the 'forkserver' start method (else 'spawn'), never plain fork: the trainer's
+  process runs JAX, which is multithreaded, and forking a multithreaded process can deadlock the
+  child. The fork server preloads `r1jax.rewards.math` and math-verify, so a replacement worker
+  starts warm in milliseconds.
+- The dispatcher waits on pipes (`multiprocessing.connection.wait`), not on signals, so `score`
+  works from any thread. Calls are serialised by a lock.
+- Reward functions cross the process boundary by pickle: pass module-level functions,
+  `functools.partial`s of them, registry names, or `CombinedReward`s made of those.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+DEFAULT_PRELOAD = ("r1jax.rewards", "r1jax.rewards.math", "math_verify")
+
+
+class RewardError(RuntimeError):
+    """A reward raised in a worker; the message carries the worker-side exception."""
+
+
+def _worker_main(conn: mp.connection.Connection) -> None:
+    # Ctrl-C belongs to the parent; a worker leaves when its pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            fn, args, kwargs = conn.recv()
+        except (EOFError, OSError):
+            return
+        except Exception as e:  # a task that cannot be unpickled here
+            conn.send(("err", f"cannot unpickle task: {type(e).__name__}: {e}"[:2000]))
+            continue
+        try:
+            out = ("ok", fn(*args, **kwargs))
+        except BaseException as e:  # noqa: B036 - SystemExit from a reward is an error, not an exit
+            out = ("err", f"{type(e).__name__}: {e}"[:2000])
+        try:
+            conn.send(out)
+        except Exception as e:
+            conn.send(("err", f"cannot pickle result: {type(e).__name__}: {e}"[:2000]))
+
+
+def _context(start_method: str | None, preload: Sequence[str]) -> Any:
+    if start_method is None:
+        start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if start_method == "fork":
+        raise ValueError("start_method='fork' is unsafe in a multithreaded (JAX) process; "
+                         "use 'forkserver' or 'spawn'")
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver" and preload:
+        # Ignored if this process's fork server is already running; '__main__' kept as the default.
+        ctx.set_forkserver_preload(["__main__", *preload])
+    return ctx
+
+
+class HardTimeoutWorker:
+    """One worker process that runs calls and is killed and replaced when a call overruns."""
+
+    def __init__(self, start_method: str | None = None, preload: Sequence[str] = DEFAULT_PRELOAD):
+        self._ctx = _context(start_method, preload)
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self.proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn = parent
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def send(self, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None) -> None:
+        self.conn.send((fn, args, kwargs or {}))
+
+    def receive(self) -> Any:
+        """The result of the last `send`; raises RewardError (the call raised) or EOFError (worker died)."""
+        status, value = self.conn.recv()
+        if status == "err":
+            raise RewardError(value)
+        return value
+
+    def call(self, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None,
+             timeout: float | None = None) -> Any:
+        """`fn(*args, **kwargs)` in the worker; TimeoutError (worker replaced) after `timeout` s."""
+        try:
+            self.send(fn, args, kwargs)
+        except (BrokenPipeError, OSError):
+            self.restart()
+            self.send(fn, args, kwargs)
+        if not self.conn.poll(timeout):
+            self.restart()
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)} ran past {timeout} s; worker replaced")
+        try:
+            return self.receive()
+        except (EOFError, OSError) as e:
+            self.restart()
+            raise RewardError(f"worker died: {e!r}") from None
+
+    def restart(self) -> None:
+        self.kill()
+        self.restarts += 1
+        self._start()
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+            self.proc.join(timeout=10)
+        finally:
+            self.conn.close()
+
+
+def _per_sample(fields: dict[str, Any], n: int, i: int) -> dict[str, Any]:
+    """Fields that are lists aligned with the batch are sliced to sample `i`; others pass as they are."""
+    return {k: [v[i]] if isinstance(v, list | tuple) and len(v) == n else v for k, v in fields.items()}
+
+
+def _check_score(value: Any) -> float | None:
+    if isinstance(value, list | tuple) and len(value) == 1:
+        value = value[0]
+    else:
+        raise RewardError(f"a reward must return one score per sample, got {value!r:.200}")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RewardError(f"score must be a float or None, got {value!r:.200}")
+    value = float(value)
+    if value != value:
+        raise RewardError("score is NaN")
+    return value
+
+
+def _resolve(fn: Any) -> Callable[..., Any]:
+    if isinstance(fn, str):
+        from r1jax.rewards.registry import get_reward
+
+        return get_reward(fn)
+    return fn
+
+
+class RewardPool:
+    """Scores batches with a reward function in `num_workers` processes, `timeout` s per sample.
+
+    Args:
+      num_workers: worker processes; default `os.cpu_count()`. 0 scores inline in the calling
+        thread (exceptions still caught and counted, but no protection from hangs).
+      timeout: wall-clock seconds one sample may take (from dispatch) before its worker is killed.
+        Must exceed any timeout inside the reward (e.g. `code_reward`'s sandbox timeout).
+      failure_score: the score of a sample whose reward raised, hung or returned garbage: 0.0, or
+        None to exclude it from means.
+      start_method: 'forkserver' (default where available) or 'spawn'.
+
+    `stats` counts `scored` (samples returned by the reward), `errors`, `timeouts`, `restarts`.
+    """
+
+    def __init__(self, num_workers: int | None = None, timeout: float = 30.0,
+                 failure_score: float | None = 0.0, start_method: str | None = None,
+                 preload: Sequence[str] = DEFAULT_PRELOAD):
+        if num_workers is None:
+            num_workers = os.cpu_count() or 1
+        if num_workers < 0 or timeout <= 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0 and timeout={timeout} > 0")
+        self.timeout = timeout
+        self.failure_score = failure_score
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._workers = [HardTimeoutWorker(start_method, preload) for _ in range(num_workers)]
+        self._closed = False
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self._counts)
+        return {k: counts.get(k, 0) for k in ("scored", "errors", "timeouts", "restarts")}
+
+    def score(self, fn: Callable[..., Sequence[float | None]] | str, prompts: Sequence[str],
+              completions: Sequence[str], **fields: Any) -> list[float | None]:
+        """`fn(prompts, completions, **fields)`, computed one sample per task across the workers."""
+        n = len(completions)
+        if len(prompts) != n:
+            raise ValueError(f"prompts has {len(prompts)} entries, completions {n}")
+        fn = _resolve(fn)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("RewardPool is closed")
+            if not self._workers:
+                return self._score_inline(fn, prompts, completions, fields)
+            return self._score_parallel(fn, prompts, completions, fields)
+
+    def _fail(self, kind: str) -> float | None:
+        self._counts[kind] += 1
+        return self.failure_score
+
+    def _score_inline(self, fn: Callable, prompts: Sequence[str], completions: Sequence[str],
+                      fields: dict[str, Any]) -> list[float | None]:
+        n = len(completions)
+        out: list[float | None] = []
+        for i in range(n):
+            try:
+                out.append(_check_score(fn([prompts[i]], [completions[i]], **_per_sample(fields, n, i))))
+                self._counts["scored"] += 1
+            except Exception:
+                out.append(self._fail("errors"))
+        return out
+
+    def _score_parallel(self, fn: Callable, prompts: Sequence[str], completions: Sequence[str],
+                        fields: dict[str, Any]) -> list[float | None]:
+        n = len(completions)
+        results: list[float | None] = [None] * n
+        pending = collections.deque(range(n))
+        idle = list(self._workers)
+        busy: dict[HardTimeoutWorker, tuple[int, float]] = {}
+
+        def finish(worker: HardTimeoutWorker, i: int, kind: str) -> None:
+            results[i] = self._fail(kind)
+            worker.restart()
+            self._counts["restarts"] += 1
+
+        while pending or busy:
+            while pending and idle:
+                worker, i = idle.pop(), pending.popleft()
+                task = ([prompts[i]], [completions[i]])
+                try:
+                    worker.send(fn, task, _per_sample(fields, n, i))
+                except (BrokenPipeError, OSError):  # died while idle: replace it and retry once
+                    worker.restart()
+                    self._counts["restarts"] += 1
+                    worker.send(fn, task, _per_sample(fields, n, i))
+                except Exception:  # the task itself cannot be pickled
+                    results[i] = self._fail("errors")
+                    idle.append(worker)
+                    continue
+                busy[worker] = (i, time.monotonic() + self.timeout)
+            if not busy:
+                continue
+            by_conn = {w.conn: w for w in busy}
+            wait_s = max(0.0, min(deadline for _, deadline in busy.values()) - time.monotonic())
+            for conn in mp.connection.wait(list(by_conn), timeout=wait_s):
+                worker = by_conn[conn]
+                i, _ = busy.pop(worker)
+                try:
+                    results[i] = _check_score(worker.receive())
+                    self._counts["scored"] += 1
+                except RewardError:
+                    results[i] = self._fail("errors")
+                except (EOFError, OSError):  # the worker died (segfault, os._exit, OOM kill)
+                    finish(worker, i, "errors")
+                idle.append(worker)
+            now = time.monotonic()
+            for worker, (i, deadline) in list(busy.items()):
+                if now >= deadline:
+                    del busy[worker]
+                    finish(worker, i, "timeouts")
+                    idle.append(worker)
+        return results
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for worker in self._workers:
+                worker.kill()
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
