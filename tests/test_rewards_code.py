@@ -1,0 +1,166 @@
+"""Code reward: program extraction, both test shapes, and hostile programs in the sandbox."""
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from r1jax.rewards import SandboxLimits, code_reward, extract_program, run_sandboxed, sandbox_mode
+from r1jax.rewards.sandbox import MODES
+
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
+
+
+def _fence(program: str) -> str:
+    return f"<think>easy</think>\n```python\n{program}\n```"
+
+
+def _score(program: str, tests, timeout: float = 5.0) -> float:
+    return code_reward(["q"], [_fence(program)], tests=[tests], timeout=timeout)[0]
+
+
+def test_sandbox_mode_known():
+    assert sandbox_mode() in MODES
+
+
+def test_extract_program():
+    assert extract_program("text\n```python\nx = 1\n```\nmore\n```python\nx = 2\n```") == "x = 2\n"
+    assert extract_program("```py\na = 1\n```\n```\nplain\n```") == "a = 1\n"  # python block wins
+    assert extract_program("```\nplain\n```") == "plain\n"
+    assert extract_program("x = 3") == "x = 3"
+    assert extract_program("```python\nunclosed") == "```python\nunclosed"
+
+
+def test_assert_tests_fraction_passed():
+    assert _score("def add(a, b):\n    return a + b", ADD_TESTS) == 1.0
+    assert _score("def add(a, b):\n    return a + b if a > 0 else 7", ADD_TESTS) == pytest.approx(2 / 3)
+    assert _score("def add(a, b):\n    raise ValueError", ADD_TESTS) == 0.0
+    assert _score("this is not python", ADD_TESTS) == 0.0
+    # a test that raises something other than AssertionError also just fails
+    assert _score("def add(a, b):\n    return a + b", [*ADD_TESTS, "assert add(1) == 1"]) == 0.75
+
+
+def test_stdin_stdout_tests_and_json_tests():
+    cases = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5\n", "output": "10"},
+             {"input": "0 0\n", "output": "1\n"}]
+    assert _score("a, b = map(int, input().split())\nprint(a + b)", cases) == pytest.approx(2 / 3)
+    assert _score("import json\nprint(3)", '[{"input": "", "output": "3"}]') == 1.0  # tests as JSON text
+    assert code_reward(["q"], ["x"], tests=[[]]) == [None]  # no tests: cannot judge
+
+
+def test_forged_results_are_ignored():
+    # Printing or writing what looks like results does not count: only the harness knows its nonce.
+    program = "import os\nfor i in range(3):\n    print(f'deadbeef {i} 1')\nraise SystemExit(3)"
+    assert _score(program, ADD_TESTS) == 0.0
+
+
+def test_program_reading_stdin_gets_eof_not_a_hang():
+    start = time.monotonic()
+    assert _score("x = input()\ndef add(a, b): return a + b", ADD_TESTS) == 0.0
+    assert time.monotonic() - start < 30
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile programs: each must score 0, end within its timeout plus slack, and leave no trace.
+
+
+def test_infinite_loop_is_killed():
+    start = time.monotonic()
+    assert _score("while True:\n    pass", ["assert True"], timeout=2.0) == 0.0
+    assert time.monotonic() - start < 2.0 + 15
+
+
+def test_sleeping_forever_is_killed_by_wall_clock():
+    start = time.monotonic()
+    result = run_sandboxed("import time\ntime.sleep(1000)", limits=SandboxLimits(timeout=2.0))
+    assert result.timed_out
+    assert time.monotonic() - start < 2.0 + 15
+
+
+def test_partial_credit_survives_a_timeout():
+    tests = ["assert f() == 1", "assert f() == 1", "while True: pass", "assert f() == 1"]
+    assert _score("def f():\n    return 1", tests, timeout=2.0) == 0.5
+
+
+@pytest.mark.skipif(sandbox_mode() == "plain" and os.geteuid() == 0,
+                    reason="RLIMIT_NPROC does not bind root and there is no pid namespace")
+def test_fork_bomb_is_contained():
+    program = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    start = time.monotonic()
+    assert _score(program, ["assert True"], timeout=3.0) == 0.0
+    assert time.monotonic() - start < 3.0 + 20
+
+
+def test_orphans_die_with_the_sandbox():
+    # A child that leaves the process group and sleeps must not outlive the run.
+    program = ("import os, sys, time\nprint(os.getcwd(), flush=True)\n"
+               "if os.fork() == 0:\n    os.setsid()\n    time.sleep(1000)\n"
+               "time.sleep(1000)")
+    result = run_sandboxed(program, limits=SandboxLimits(timeout=2.0))
+    assert result.timed_out
+    box = result.stdout.strip()
+    assert box.endswith("/box")
+    time.sleep(1.0)
+    leftovers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if box.removesuffix("/box").encode() in cmdline:
+            leftovers.append(pid)
+    if sandbox_mode() == "plain":
+        pytest.skip("without a pid namespace a setsid() child can outlive the run (documented)")
+    assert leftovers == []
+
+
+def test_huge_allocation_fails_cleanly():
+    start = time.monotonic()
+    assert _score("x = bytearray(10 * 1024**3)\ndef f(): return 1", ["assert f() == 1"]) == 0.0
+    result = run_sandboxed("x = bytearray(10 * 1024**3)")
+    assert "MemoryError" in result.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_network_is_unreachable():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    try:
+        program = ("import socket\n"
+                   f"s = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                   "s.sendall(b'leak')\nconnected = True")
+        assert _score(program, ["assert connected"]) == 0.0
+        with pytest.raises(TimeoutError):
+            server.accept()  # nothing ever reached the host's loopback
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(sandbox_mode() != "namespaces", reason="writes are only prevented in 'namespaces' mode")
+def test_writes_outside_the_temp_dir_are_prevented(tmp_path: Path):
+    tmp_path.chmod(0o777)  # even a world-writable target
+    targets = [tmp_path / "escaped", Path("/tmp") / f"r1jax-escape-{uuid.uuid4().hex}",
+               Path(__file__).with_name(f"escape-{uuid.uuid4().hex}")]
+    program = "\n".join(f"open({str(t)!r}, 'w').write('x')" for t in targets[:1]) + "\ndone = True"
+    assert _score(program, ["assert done"]) == 0.0
+    for target in targets[1:]:
+        result = run_sandboxed(f"open({str(target)!r}, 'w').write('x')")
+        assert result.exit_code != 0
+    for target in targets:
+        assert not target.exists()
+    # ... while the temp dir itself is writable
+    assert _score("open('scratch.txt', 'w').write('x')\nok = open('scratch.txt').read() == 'x'",
+                  ["assert ok"]) == 1.0
+
+
+def test_plain_mode_blocks_python_sockets():
+    result = run_sandboxed("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)",
+                           mode="plain")
+    assert result.exit_code != 0 and "network disabled" in result.stderr
+    assert run_sandboxed("print(2 + 2)", mode="plain").stdout == "4\n"
