@@ -1,0 +1,1 @@
+"""Training loops: GRPO (`rl`) and supervised fine-tuning (`sft`), over shared jitted steps (`steps`)."""

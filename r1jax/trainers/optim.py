@@ -1,0 +1,62 @@
+"""The optimizer: optax AdamW with linear warmup, then a constant or cosine schedule, and global-norm clipping.
+
+Weight decay skips vectors (norm scales, biases), the usual LLM convention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW settings. `max_grad_norm=0` disables clipping; `total_steps` bounds the cosine decay."""
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    total_steps: int = 1
+    final_lr_fraction: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={self.schedule!r}; accepted: {SCHEDULES}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"optim.learning_rate={self.learning_rate!r} must be > 0")
+        for name in ("warmup_steps", "total_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be >= 0")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError(f"optim.max_grad_norm={self.max_grad_norm} and optim.weight_decay={self.weight_decay} "
+                             "must be >= 0")
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.learning_rate)
+    else:
+        decay = max(1, cfg.total_steps - cfg.warmup_steps)
+        main = optax.cosine_decay_schedule(cfg.learning_rate, decay, alpha=cfg.final_lr_fraction)
+    if cfg.warmup_steps == 0:
+        return main
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    return optax.join_schedules([warmup, main], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+    return adamw

@@ -1,0 +1,288 @@
+"""The GRPO loop: prompts → G completions each → rule rewards → group advantages → μ policy updates.
+
+    prompts (grain) ─► sample_groups ─► decode ─► rewards (process pool) ─► group advantages
+        ─► [reference log-probs, only if β > 0] ─► μ × minibatch update (grpo_loss, global normalisers)
+        ─► metrics ─► checkpoint
+
+Two choices keep a step cheap: π_old is the sampler's own `policy_logprobs` (the same parameters and
+temperature, so no extra forward pass), and the reference model is scored only when β > 0. Every
+random draw derives from (seed, step), and the data iterator's state is checkpointed, so a resumed
+run repeats exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from r1jax.grpo import GRPOConfig, group_advantages
+from r1jax.rewards import CombinedReward
+from r1jax.sampling import SampleOutput, SamplingConfig, sample_groups
+from r1jax.sharding import spec_for
+from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from r1jax.trainers.steps import grpo_objective, make_score_fn, make_update_step
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """One GRPO run. P = prompts_per_step prompts × G = loss.group_size completions per step.
+
+    num_minibatches: optimizer steps per pass over the P·G completions (μ passes in all,
+      μ = loss.num_iterations). micro_batches: gradient accumulation inside one optimizer step.
+    ref_update_every: copy the policy into the reference every N steps (R1: 400; 0 = never).
+    dynamic_sampling: DAPO — drop groups whose rewards are all equal and sample more prompts (up to
+      max_sampling_rounds batches) to refill; rows still missing are masked out, not faked.
+    """
+
+    steps: int
+    prompts_per_step: int
+    loss: GRPOConfig
+    sampling: SamplingConfig
+    optim: OptimConfig
+    num_minibatches: int = 1
+    micro_batches: int = 1
+    ref_update_every: int = 0
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    chunk_size: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        rows = self.prompts_per_step * self.loss.group_size
+        if self.steps < 0 or self.prompts_per_step < 1:
+            raise ValueError(f"rl.steps={self.steps} must be >= 0 and rl.prompts_per_step={self.prompts_per_step} >= 1")
+        if rows % self.num_minibatches:
+            raise ValueError(f"rl.num_minibatches={self.num_minibatches} must divide prompts_per_step × group_size "
+                             f"= {rows}")
+        if (rows // self.num_minibatches) % self.micro_batches:
+            raise ValueError(f"rl.micro_batches={self.micro_batches} must divide the minibatch of "
+                             f"{rows // self.num_minibatches} completions")
+
+
+@dataclasses.dataclass
+class RLState:
+    """Everything a checkpoint holds, besides the data iterator."""
+
+    step: int
+    params: nnx.State
+    opt_state: Any
+    ref_params: nnx.State | None
+
+
+def _repeat(values: Sequence[Any], g: int) -> list[Any]:
+    return [v for v in values for _ in range(g)]
+
+
+def decode_completions(out: SampleOutput, decode: Callable[[list[int]], str], stop_ids: Sequence[int]) -> list[str]:
+    """Completion texts, cut before the stop token."""
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    texts = []
+    for row, n in zip(tokens, lengths, strict=True):
+        ids = row[:n].tolist()
+        if ids and ids[-1] in stop_ids:
+            ids = ids[:-1]
+        texts.append(decode(ids))
+    return texts
+
+
+class GRPOTrainer:
+    """Runs `RLConfig.steps` GRPO steps; one instance per run (or per pipeline stage)."""
+
+    def __init__(
+        self,
+        config: RLConfig,
+        model: nnx.Module,
+        tokenizer,
+        reward: CombinedReward,
+        *,
+        mesh: Mesh | None = None,
+        reward_pool=None,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.reward = reward
+        self.pool = reward_pool
+        self.mesh = mesh
+        self.graphdef, params = nnx.split(model)
+        self.model_config = model.cfg
+        self.optimizer = make_optimizer(config.optim)
+        self.schedule = learning_rate_schedule(config.optim)
+        loss_cfg = config.loss
+        objective = grpo_objective(loss_cfg, temperature=config.sampling.temperature, chunk_size=config.chunk_size)
+        self._update = make_update_step(self.graphdef, self.optimizer, objective, config.micro_batches)
+        self._score = make_score_fn(self.graphdef, temperature=config.sampling.temperature,
+                                    chunk_size=config.chunk_size)
+        self._opt_init = jax.jit(self.optimizer.init)
+        with self._mesh():
+            opt_state = self._opt_init(params)
+        ref = jax.tree.map(jnp.copy, params) if loss_cfg.beta > 0 else None
+        self.state = RLState(step=0, params=params, opt_state=opt_state, ref_params=ref)
+        self.key = jax.random.key(config.seed)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _rows(self, x: np.ndarray) -> jax.Array:
+        """Place a host array with rows over the mesh's batch axes."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        spec = spec_for(x.shape, ("batch",) + (None,) * (x.ndim - 1), self.mesh)
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state.params)
+
+    # ------------------------------------------------------------------------------------ one step
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], key: jax.Array) -> SampleOutput:
+        return sample_groups(self.graphdef, self.state.params, prompt_ids, self.config.loss.group_size, key,
+                             self.config.sampling, mesh=self.mesh)
+
+    def _score_rewards(self, batch: dict[str, Any], out: SampleOutput) -> tuple[np.ndarray, dict[str, Any]]:
+        g = self.config.loss.group_size
+        texts = decode_completions(out, self.tokenizer.decode, self.config.sampling.eos_ids)
+        fields = {k: _repeat(v, g) for k, v in batch.items() if k not in ("prompt", "prompt_ids", "prompt_length")}
+        scored = self.reward.score(_repeat(batch["prompt"], g), texts, pool=self.pool, **fields)
+        totals = np.asarray([0.0 if r is None else r for r in scored.totals], np.float32)
+        return totals, {"texts": texts, "columns": scored.columns}
+
+    def step(self, batches: Callable[[], dict[str, Any]]) -> dict[str, float]:
+        """One GRPO step; `batches()` yields the next batch of prompts (called again to refill)."""
+        cfg, g = self.config, self.config.loss.group_size
+        step = self.state.step
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        kept: list[dict[str, np.ndarray]] = []
+        columns: dict[str, list] = {}
+        sampled_groups = zero_groups = 0
+        texts_all: list[str] = []
+        for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+            batch = batches()
+            key = jax.random.fold_in(jax.random.fold_in(self.key, step), round_)
+            t = time.perf_counter()
+            out = self.sample(batch["prompt_ids"], key)
+            jax.block_until_ready(out.tokens)
+            times["generate"] = times.get("generate", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            rewards, info = self._score_rewards(batch, out)
+            times["reward"] = times.get("reward", 0.0) + time.perf_counter() - t
+            adv, adv_info = group_advantages(jnp.asarray(rewards), g, scale=cfg.loss.advantage_scale)
+            adv = np.asarray(adv)
+            group_std = rewards.reshape(-1, g).std(axis=1)
+            sampled_groups += len(group_std)
+            zero_groups += int(np.sum(group_std == 0))
+            keep_groups = group_std > 0 if cfg.dynamic_sampling else np.ones_like(group_std, bool)
+            keep = np.repeat(keep_groups, g)
+            kept.append(_host_rows(out, adv, rewards, keep))
+            for name, col in info["columns"].items():
+                columns.setdefault(name, []).extend(np.asarray(col, dtype=object)[keep].tolist())
+            texts_all.extend(np.asarray(info["texts"], dtype=object)[keep].tolist())
+            if sum(len(k["advantages"]) for k in kept) >= cfg.prompts_per_step * g:
+                break
+        host = _assemble(kept, cfg.prompts_per_step * g)
+        batch_dev = {k: self._rows(v) for k, v in host.items() if k not in ("rewards", "lengths", "truncated")}
+
+        ref_time = 0.0
+        if cfg.loss.beta > 0:
+            t = time.perf_counter()
+            with self._mesh():
+                batch_dev["ref_logp"] = self._score(self.state.ref_params, batch_dev)
+                jax.block_until_ready(batch_dev["ref_logp"])
+            ref_time = time.perf_counter() - t
+
+        t = time.perf_counter()
+        update_metrics = []
+        rows = cfg.prompts_per_step * g
+        mb = rows // cfg.num_minibatches
+        params, opt_state = self.state.params, self.state.opt_state
+        with self._mesh():
+            for it in range(cfg.loss.num_iterations):
+                order = np.asarray(jax.random.permutation(jax.random.fold_in(self.key, 10_000 * step + it), rows)) \
+                    if cfg.num_minibatches > 1 else np.arange(rows)
+                for i in range(cfg.num_minibatches):
+                    idx = order[i * mb:(i + 1) * mb]
+                    minibatch = batch_dev if cfg.num_minibatches == 1 else {k: v[idx] for k, v in batch_dev.items()}
+                    params, opt_state, m = self._update(params, opt_state, minibatch)
+                    update_metrics.append(m)
+            jax.block_until_ready(params)
+        times["update"] = time.perf_counter() - t
+        self.state.params, self.state.opt_state = params, opt_state
+        self.state.step = step + 1
+        if cfg.loss.beta > 0 and cfg.ref_update_every and self.state.step % cfg.ref_update_every == 0:
+            self.state.ref_params = jax.tree.map(jnp.copy, params)
+
+        metrics = _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups, zero_groups)
+        updates_per_step = cfg.loss.num_iterations * cfg.num_minibatches
+        metrics["train/lr"] = float(self.schedule(self.state.step * updates_per_step - 1))
+        metrics["time/step"] = time.perf_counter() - t0
+        metrics["tokens_per_s"] = float(host["lengths"].sum()) / metrics["time/step"]
+        return metrics
+
+
+def _host_rows(out: SampleOutput, adv: np.ndarray, rewards: np.ndarray, keep: np.ndarray) -> dict[str, np.ndarray]:
+    rows = {
+        "prompt_tokens": out.prompt_tokens, "prompt_mask": out.prompt_mask, "tokens": out.tokens, "mask": out.mask,
+        "old_logp": out.policy_logprobs, "lengths": out.lengths, "truncated": out.truncated,
+    }
+    rows = {k: np.asarray(v)[keep] for k, v in rows.items()}
+    rows["advantages"] = adv[keep].astype(np.float32)
+    rows["rewards"] = rewards[keep]
+    return rows
+
+
+def _assemble(kept: list[dict[str, np.ndarray]], rows: int) -> dict[str, np.ndarray]:
+    """Concatenate sampling rounds and cut (or pad with fully masked rows) to exactly `rows`."""
+    width = max(k["prompt_tokens"].shape[1] for k in kept)
+
+    def pad_prompt(x):  # prompt slot buckets may differ between rounds
+        return np.pad(x, [(0, 0), (0, width - x.shape[1])])
+
+    for k in kept:
+        k["prompt_tokens"], k["prompt_mask"] = pad_prompt(k["prompt_tokens"]), pad_prompt(k["prompt_mask"])
+    out = {name: np.concatenate([k[name] for k in kept])[:rows] for name in kept[0]}
+    missing = rows - len(out["advantages"])
+    if missing > 0:  # dynamic sampling ran out of rounds: masked rows count for nothing in the loss
+        filler = {name: np.zeros((missing, *v.shape[1:]), v.dtype) for name, v in out.items()}
+        filler["prompt_mask"][:, 0] = True  # one real slot so positions stay defined
+        out = {name: np.concatenate([out[name], filler[name]]) for name in out}
+    return out
+
+
+def _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups, zero_groups) -> dict[str, float]:
+    real = host["mask"].any(axis=1)
+    lengths = host["lengths"][real]
+    metrics: dict[str, float] = {
+        "reward/mean": float(host["rewards"][real].mean()) if real.any() else float("nan"),
+        "reward/std": float(host["rewards"][real].std()) if real.any() else float("nan"),
+        "completion/length_mean": float(lengths.mean()) if real.any() else 0.0,
+        "completion/length_max": float(lengths.max()) if real.any() else 0.0,
+        "completion/truncated": float(host["truncated"][real].mean()) if real.any() else 0.0,
+        "groups/zero_std_fraction": zero_groups / max(sampled_groups, 1),
+        "groups/sampled": float(sampled_groups),
+        "time/generate": times.get("generate", 0.0),
+        "time/reward": times.get("reward", 0.0),
+        "time/reference": ref_time,
+        "time/update": times.get("update", 0.0),
+    }
+    for name, col in columns.items():
+        judged = [v for v in col if v is not None]
+        if judged:
+            metrics[f"reward/{name}"] = float(np.mean(judged))
+    stacked = jax.device_get(update_metrics)
+    for k in stacked[0]:
+        values = np.asarray([m[k] for m in stacked], np.float64)
+        metrics[f"train/{k}"] = float(values.max() if k.endswith("_max") else values.min() if k.endswith("_min")
+                                      else values.mean())
+    return metrics

@@ -1,0 +1,130 @@
+"""Jitted pure functions shared by the trainers: completion log-probs, gradient accumulation, updates.
+
+A training row is the sampler's layout: L prompt slots (right-padded, `prompt_mask`) followed by N
+completion slots (`mask`). Positions count real tokens only, so they equal the RoPE positions the
+sampler used; completion token i is predicted by the hidden state of the previous *real* token
+(the last prompt token for i = 0), gathered before the chunked log-softmax so that no
+[B, L+N, V] logits exist.
+
+Gradient accumulation splits the batch into M micro-batches inside one `jit` (`lax.scan`) and sums
+their gradients. Losses take *global* normalisers (sequence and token counts of the whole batch),
+so the sum equals the one-big-batch gradient exactly. Micro-batch m takes rows m, m+M, m+2M, …, so
+a batch sharded over devices stays spread over all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from r1jax.grpo import GRPOConfig, batch_counts, chunked_token_logprobs, grpo_loss
+
+Batch = dict[str, jax.Array]
+Objective = Callable[[nnx.Module, Batch, tuple[jax.Array, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def completion_logprobs(
+    model: nnx.Module, batch: Batch, *, temperature: float = 1.0, chunk_size: int = 512, entropy: bool = False
+):
+    """log π(completion token | prefix) [B, N] (and the entropy [B, N] when asked)."""
+    prompt, prompt_mask = batch["prompt_tokens"], batch["prompt_mask"]
+    tokens, mask = batch["tokens"], batch["mask"]
+    slots, n = prompt.shape[1], tokens.shape[1]
+    h, _ = model.hidden_states(jnp.concatenate([prompt, tokens], 1), valid=jnp.concatenate([prompt_mask, mask], 1))
+    last_prompt = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32) - 1  # [B]
+    pred = jnp.where(jnp.arange(n)[None, :] == 0, last_prompt[:, None], slots + jnp.arange(n)[None, :] - 1)
+    h = jnp.take_along_axis(h, pred[..., None], axis=1)  # [B, N, D]
+    return chunked_token_logprobs(h, model.unembedding(), tokens, mask, chunk_size=min(chunk_size, n),
+                                  temperature=temperature, return_entropy=entropy)
+
+
+def grpo_objective(config: GRPOConfig, *, temperature: float, chunk_size: int) -> Objective:
+    def objective(model, batch, counts):
+        logp, ent = completion_logprobs(model, batch, temperature=temperature, chunk_size=chunk_size, entropy=True)
+        return grpo_loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"], batch["mask"], config,
+                         num_sequences=counts[0], num_tokens=counts[1], entropy=ent)
+
+    return objective
+
+
+def sft_objective(*, chunk_size: int) -> Objective:
+    """Mean negative log-likelihood over the completion tokens of the whole batch."""
+
+    def objective(model, batch, counts):
+        logp = completion_logprobs(model, batch, chunk_size=chunk_size)
+        nll = -jnp.sum(jnp.where(batch["mask"], logp, 0.0))
+        return nll / jnp.maximum(counts[1], 1), {"nll_sum": nll, "tokens": jnp.sum(batch["mask"])}
+
+    return objective
+
+
+def _micro_batches(batch: Batch, m: int) -> Batch:
+    def split(x):
+        if x.shape[0] % m:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into micro_batches={m}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _reduce_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-micro-batch metrics → one value: sums stay sums, extrema stay extrema, the rest are means."""
+    out = {}
+    for k, v in stacked.items():
+        if k.endswith("_max"):
+            out[k] = jnp.max(v)
+        elif k.endswith("_min"):
+            out[k] = jnp.min(v)
+        elif k.endswith("_sum") or k in ("tokens", "nonfinite"):
+            out[k] = jnp.sum(v)
+        else:
+            out[k] = jnp.mean(v)
+    return out
+
+
+def accumulate_gradients(graphdef, params, batch: Batch, objective: Objective, micro_batches: int):
+    """Σ over micro-batches of ∇ objective, with the whole batch's counts as normalisers."""
+    counts = batch_counts(batch["mask"])
+
+    def loss_fn(p, mb):
+        return objective(nnx.merge(graphdef, p), mb, counts)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        (loss, metrics), grads = grad_fn(params, batch)
+        return loss, grads, metrics
+
+    def body(carry, mb):
+        loss_acc, grad_acc = carry
+        (loss, metrics), grads = grad_fn(params, mb)
+        return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), metrics
+
+    init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), metrics = jax.lax.scan(body, init, _micro_batches(batch, micro_batches))
+    return loss, grads, _reduce_metrics(metrics)
+
+
+def make_update_step(graphdef, optimizer: optax.GradientTransformation, objective: Objective, micro_batches: int = 1):
+    """`step(params, opt_state, batch) -> (params, opt_state, metrics)`, jitted, params/opt_state donated."""
+
+    def step(params, opt_state, batch):
+        loss, grads, metrics = accumulate_gradients(graphdef, params, batch, objective, micro_batches)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_score_fn(graphdef, *, temperature: float = 1.0, chunk_size: int = 512):
+    """`score(params, batch) -> logp [B, N]`: reference / old-policy log-probs, forward only."""
+
+    def score(params, batch):
+        return completion_logprobs(nnx.merge(graphdef, params), batch, temperature=temperature, chunk_size=chunk_size)
+
+    return jax.jit(score)
