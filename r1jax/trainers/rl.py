@@ -12,7 +12,6 @@ run repeats exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -22,14 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from r1jax.grpo import GRPOConfig, group_advantages
 from r1jax.rewards import CombinedReward
 from r1jax.sampling import SampleOutput, SamplingConfig, sample_groups
-from r1jax.sharding import spec_for
 from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from r1jax.trainers.steps import grpo_objective, make_score_fn, make_update_step
+from r1jax.trainers.steps import grpo_objective, make_score_fn, make_update_step, mesh_context, shard_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,23 +120,13 @@ class GRPOTrainer:
         self._score = make_score_fn(self.graphdef, temperature=config.sampling.temperature,
                                     chunk_size=config.chunk_size)
         self._opt_init = jax.jit(self.optimizer.init)
-        with self._mesh():
+        with mesh_context(self.mesh):
             opt_state = self._opt_init(params)
         ref = jax.tree.map(jnp.copy, params) if loss_cfg.beta > 0 else None
         self.state = RLState(step=0, params=params, opt_state=opt_state, ref_params=ref)
         self.key = jax.random.key(config.seed)
 
     # ------------------------------------------------------------------------------------ helpers
-
-    def _mesh(self):
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
-
-    def _rows(self, x: np.ndarray) -> jax.Array:
-        """Place a host array with rows over the mesh's batch axes."""
-        if self.mesh is None:
-            return jnp.asarray(x)
-        spec = spec_for(x.shape, ("batch",) + (None,) * (x.ndim - 1), self.mesh)
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
 
     @property
     def model(self) -> nnx.Module:
@@ -192,12 +180,13 @@ class GRPOTrainer:
             if sum(len(k["advantages"]) for k in kept) >= cfg.prompts_per_step * g:
                 break
         host = _assemble(kept, cfg.prompts_per_step * g)
-        batch_dev = {k: self._rows(v) for k, v in host.items() if k not in ("rewards", "lengths", "truncated")}
+        host_only = ("rewards", "lengths", "truncated")
+        batch_dev = {k: shard_rows(v, self.mesh) for k, v in host.items() if k not in host_only}
 
         ref_time = 0.0
         if cfg.loss.beta > 0:
             t = time.perf_counter()
-            with self._mesh():
+            with mesh_context(self.mesh):
                 batch_dev["ref_logp"] = self._score(self.state.ref_params, batch_dev)
                 jax.block_until_ready(batch_dev["ref_logp"])
             ref_time = time.perf_counter() - t
@@ -207,7 +196,7 @@ class GRPOTrainer:
         rows = cfg.prompts_per_step * g
         mb = rows // cfg.num_minibatches
         params, opt_state = self.state.params, self.state.opt_state
-        with self._mesh():
+        with mesh_context(self.mesh):
             for it in range(cfg.loss.num_iterations):
                 order = np.asarray(jax.random.permutation(jax.random.fold_in(self.key, 10_000 * step + it), rows)) \
                     if cfg.num_minibatches > 1 else np.arange(rows)

@@ -1,0 +1,92 @@
+"""Supervised fine-tuning on (prompt, completion) pairs, loss on completion tokens only.
+
+Used for the laptop demo's short pretraining (prompt = BOS, completion = a corpus line), R1's cold
+start, rejection-sampling SFT and distillation. Rows use the RL trainer's layout (right-padded
+prompt slots, then completion slots), so positions and masks are exactly those of sampling and the
+same jitted objective machinery serves both. Shapes are bucketed to powers of two so that a run
+compiles a handful of programs, not one per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from r1jax.sampling import bucket
+from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from r1jax.trainers.steps import make_update_step, mesh_context, sft_objective, shard_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    steps: int
+    batch_size: int
+    optim: OptimConfig
+    micro_batches: int = 1
+    max_length: int = 512
+    chunk_size: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"sft.steps={self.steps} must be >= 0 and sft.batch_size={self.batch_size} >= 1")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"sft.micro_batches={self.micro_batches} must divide sft.batch_size={self.batch_size}")
+
+
+def sft_batch(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, max_length: int
+) -> dict[str, np.ndarray]:
+    """Right-padded prompt slots and completion slots, each bucketed; completions cut to fit max_length."""
+    if not pairs:
+        raise ValueError("sft_batch needs at least one (prompt, completion) pair")
+    p_len = bucket(max(len(p) for p, _ in pairs), 8)
+    if p_len >= max_length:
+        raise ValueError(f"a prompt of {max(len(p) for p, _ in pairs)} tokens leaves no room under "
+                         f"sft.max_length={max_length}")
+    c_len = min(bucket(max(len(c) for _, c in pairs), 8), max_length - p_len)
+    b = len(pairs)
+    out = {
+        "prompt_tokens": np.full((b, p_len), pad_id, np.int32), "prompt_mask": np.zeros((b, p_len), bool),
+        "tokens": np.full((b, c_len), pad_id, np.int32), "mask": np.zeros((b, c_len), bool),
+    }
+    for i, (p, c) in enumerate(pairs):
+        if not len(p):
+            raise ValueError(f"pair {i}: the prompt is empty (use [bos] for unconditional text)")
+        c = list(c)[:c_len]
+        out["prompt_tokens"][i, :len(p)], out["prompt_mask"][i, :len(p)] = p, True
+        out["tokens"][i, :len(c)], out["mask"][i, :len(c)] = c, True
+    return out
+
+
+class SFTTrainer:
+    def __init__(self, config: SFTConfig, model: nnx.Module, *, pad_id: int, mesh: Mesh | None = None):
+        self.config = config
+        self.pad_id = pad_id
+        self.mesh = mesh
+        self.graphdef, self.params = nnx.split(model)
+        self.optimizer = make_optimizer(config.optim)
+        self.schedule = learning_rate_schedule(config.optim)
+        self._update = make_update_step(self.graphdef, self.optimizer, sft_objective(chunk_size=config.chunk_size),
+                                        config.micro_batches)
+        with mesh_context(self.mesh):
+            self.opt_state = jax.jit(self.optimizer.init)(self.params)
+        self.step_count = 0
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params)
+
+    def step(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, float]:
+        batch = {k: shard_rows(v, self.mesh) for k, v in sft_batch(pairs, self.pad_id, self.config.max_length).items()}
+        with mesh_context(self.mesh):
+            self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, batch)
+        self.step_count += 1
+        out = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        out["train/lr"] = float(self.schedule(self.step_count - 1))
+        return out
