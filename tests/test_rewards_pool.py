@@ -118,6 +118,27 @@ def test_pool_rejects_fork_and_bad_sizes():
         RewardPool(num_workers=0).score(misbehaving_reward, ["q"], ["a", "b"])
 
 
+def test_call_with_deadline_any_thread():
+    from r1jax.rewards.deadline import call_with_deadline
+
+    assert call_with_deadline(sum, ([1, 2],), 5.0) == 3
+    out = {}
+
+    def work():
+        out["value"] = call_with_deadline(sum, ([1, 2],), 5.0)
+        start = time.monotonic()
+        try:
+            call_with_deadline(sum, (range(10**13),), 1.0)  # a C loop: only a kill stops it
+        except Exception as e:  # reported below
+            out["error"], out["elapsed"] = type(e).__name__, time.monotonic() - start
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=120)
+    assert out["value"] == 3 and out["error"] == "TimeoutError"
+    assert out["elapsed"] < 1.0 + 2.0 + 15
+
+
 # --------------------------------------------------------------------------------------------
 # combine() and the registry
 

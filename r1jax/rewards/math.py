@@ -9,9 +9,9 @@ Two choices behind `grade`:
   fractions, …); math-verify (sympy) runs only when the normaliser does not already agree. Most
   GSM8K-style answers never reach sympy.
 - math-verify's own timeouts use `signal.alarm`, which raises `ValueError` outside the main thread
-  (the bug that hit verl and TRL). We call it with its timeouts off and bound it ourselves: an
-  interval timer in the main thread, and a killable helper process from any other thread. Answers
-  longer than `MAX_ANSWER_CHARS` never reach sympy.
+  (the bug that hit verl and TRL). We call it with its timeouts off and bound it ourselves with
+  `r1jax.rewards.deadline` (an interval timer in the main thread, a killable helper process from
+  any other thread). Answers longer than `MAX_ANSWER_CHARS` never reach sympy.
 """
 
 from __future__ import annotations
@@ -19,19 +19,16 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import signal
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Any, TypeVar
+from typing import Any
+
+from r1jax.rewards.deadline import call_with_deadline
 
 DEFAULT_TIMEOUT = 5.0
 MAX_ANSWER_CHARS = 1_000
 # Tail of an unmarked completion handed to math-verify's own extraction (see `accuracy_reward`).
 _UNMARKED_TAIL_CHARS = 300
-
-_T = TypeVar("_T")
 
 # --------------------------------------------------------------------------------------------
 # Extraction
@@ -201,12 +198,21 @@ def _as_fraction(s: str) -> Fraction | None:
     return None
 
 
-def _normalised_equal(prediction: str, gold: str) -> bool:
+def _normalised_verdict(prediction: str, gold: str) -> bool | None:
+    """True/False when the normal forms settle it, None when sympy must decide.
+
+    Equal normal forms, or equal exact values, are equal. Two integers or fractions (no decimal
+    point: math-verify compares decimals after rounding) with different values are not.
+    """
     p, g = normalize_answer(prediction), normalize_answer(gold)
     if p == g:
-        return bool(p)
+        return bool(p) or None
     fp, fg = _as_fraction(p), _as_fraction(g)
-    return fp is not None and fp == fg
+    if fp is None or fg is None:
+        return None
+    if fp == fg:
+        return True
+    return False if "." not in p and "." not in g else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,78 +264,26 @@ def _math_verify_text(text: str, gold: str) -> bool:
     return bool(verify(list(gold_parsed), pred_parsed, timeout_seconds=None))
 
 
-class _Deadline(BaseException):
-    """Raised by our SIGALRM handler. A BaseException so that sympy's `except Exception` can't eat it."""
-
-
-def _call_with_itimer(fn: Callable[..., _T], args: tuple, timeout: float) -> _T:
-    armed = [True]
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        if armed[0]:
-            raise _Deadline
-
-    start = time.monotonic()
-    old_handler = signal.signal(signal.SIGALRM, on_alarm)
-    old_delay, _ = signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
-        try:
-            return fn(*args)
-        finally:
-            armed[0] = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Deadline:
-        raise TimeoutError(f"gave up after {timeout} s") from None
-    finally:
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_delay > 0:  # someone else's timer was running: give back what is left of it
-            signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - start), 1e-3))
-
-
-_helper_lock = threading.Lock()
-_helper: Any = None
-
-
-def _call_in_helper(fn: Callable[..., _T], args: tuple, timeout: float) -> _T:
-    """Off the main thread no signal can interrupt us: run in a helper process and kill it on overrun."""
-    global _helper
-    from r1jax.rewards.pool import HardTimeoutWorker
-
-    with _helper_lock:
-        if _helper is None or not _helper.alive():
-            _helper = HardTimeoutWorker()
-        # The helper runs `fn` in its main thread, under the interval timer; the outer bound only
-        # matters for code that holds the GIL in C.
-        return _helper.call(_call_with_deadline, (fn, args, timeout), timeout=timeout + 2.0)
-
-
-def _call_with_deadline(fn: Callable[..., _T], args: tuple, timeout: float | None) -> _T:
-    """`fn(*args)`, raising TimeoutError after `timeout` s, from any thread. None: no bound."""
-    if timeout is None or timeout <= 0:
-        return fn(*args)
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-        return _call_with_itimer(fn, args, timeout)
-    return _call_in_helper(fn, args, timeout)
-
-
 def grade(prediction: str | None, gold: str | None, timeout: float | None = DEFAULT_TIMEOUT) -> bool:
     """Whether `prediction` is mathematically equal to `gold` (both bare answers, e.g. `"\\frac{1}{2}"`).
 
-    The normaliser's verdict first, then math-verify (sympy: numeric and symbolic equality, sets,
-    intervals, matrices, equations) under a `timeout`-second bound that works in any thread; a
-    timeout, a parse failure or an error counts as not equal. `timeout=None` lifts the bound.
+    The normaliser's verdict first (equal forms, or two exact numbers), then math-verify (sympy:
+    numeric and symbolic equality, sets, intervals, matrices, equations) under a `timeout`-second
+    bound that works in any thread; a timeout, a parse failure or an error counts as not equal.
+    `timeout=None` lifts the bound.
     """
     if not isinstance(prediction, str) or not isinstance(gold, str):
         return False
     prediction, gold = prediction.strip(), gold.strip()
     if not prediction or not gold:
         return False
-    if _normalised_equal(prediction, gold):
-        return True
+    verdict = _normalised_verdict(prediction, gold)
+    if verdict is not None:
+        return verdict
     if len(prediction) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
     try:
-        return _call_with_deadline(_math_verify_equal, (prediction, gold), timeout)
+        return call_with_deadline(_math_verify_equal, (prediction, gold), timeout)
     except Exception:  # TimeoutError, sympy errors, RecursionError: not equal
         return False
 
@@ -351,7 +305,7 @@ def grade_completion(
         return False  # an unclosed box is a malformed answer, not an unmarked one
     tail = completion[-_UNMARKED_TAIL_CHARS:]
     try:
-        return _call_with_deadline(_math_verify_text, (tail, gold.strip()), timeout)
+        return call_with_deadline(_math_verify_text, (tail, gold.strip()), timeout)
     except Exception:
         return False
 

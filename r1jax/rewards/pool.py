@@ -6,7 +6,8 @@ raise, loop forever or hold the GIL inside sympy. The pool turns each of those i
 
 Design:
 - One task is one sample, so a hang costs one score, not a batch. A worker that overruns its
-  deadline is SIGKILLed and replaced; one that dies is replaced too.
+  deadline is SIGKILLed and replaced; one that dies is replaced too. Each worker has `prefetch`
+  tasks queued, so it does not wait for the dispatcher between samples.
 - Workers come from the 'forkserver' start method (else 'spawn'), never plain fork: the trainer's
   process runs JAX, which is multithreaded, and forking a multithreaded process can deadlock the
   child. The fork server preloads `r1jax.rewards.math` and math-verify, so a replacement worker
@@ -167,21 +168,27 @@ class RewardPool:
       failure_score: the score of a sample whose reward raised, hung or returned garbage: 0.0, or
         None to exclude it from means.
       start_method: 'forkserver' (default where available) or 'spawn'.
+      prefetch: samples queued per worker, so that a worker never waits for the dispatcher to be
+        scheduled; a sample's timeout starts when the worker reaches it, and the samples queued
+        behind one that hangs are re-run on a fresh worker, not failed.
 
     `stats` counts `scored` (samples returned by the reward), `errors`, `timeouts`, `restarts`.
     """
 
     def __init__(self, num_workers: int | None = None, timeout: float = 30.0,
                  failure_score: float | None = 0.0, start_method: str | None = None,
-                 preload: Sequence[str] = DEFAULT_PRELOAD):
+                 preload: Sequence[str] = DEFAULT_PRELOAD, prefetch: int = 2):
         if num_workers is None:
             num_workers = os.cpu_count() or 1
-        if num_workers < 0 or timeout <= 0:
-            raise ValueError(f"num_workers={num_workers} must be >= 0 and timeout={timeout} > 0")
+        if num_workers < 0 or timeout <= 0 or prefetch < 1:
+            raise ValueError(f"num_workers={num_workers} must be >= 0, timeout={timeout} > 0, "
+                             f"prefetch={prefetch} >= 1")
+        self.prefetch = prefetch
         self.timeout = timeout
         self.failure_score = failure_score
         self._lock = threading.Lock()
-        self._counts: collections.Counter[str] = collections.Counter()
+        # All keys exist from the start, so `stats` can copy the dict while a batch runs.
+        self._counts = dict.fromkeys(("scored", "errors", "timeouts", "restarts"), 0)
         self._workers = [HardTimeoutWorker(start_method, preload) for _ in range(num_workers)]
         self._closed = False
 
@@ -191,9 +198,8 @@ class RewardPool:
 
     @property
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            counts = dict(self._counts)
-        return {k: counts.get(k, 0) for k in ("scored", "errors", "timeouts", "restarts")}
+        """Counters since the pool started; readable from any thread, also while a batch runs."""
+        return dict(self._counts)
 
     def score(self, fn: Callable[..., Sequence[float | None]] | str, prompts: Sequence[str],
               completions: Sequence[str], **fields: Any) -> list[float | None]:
@@ -230,50 +236,57 @@ class RewardPool:
         n = len(completions)
         results: list[float | None] = [None] * n
         pending = collections.deque(range(n))
-        idle = list(self._workers)
-        busy: dict[HardTimeoutWorker, tuple[int, float]] = {}
+        # Samples sent to each worker, in order; the head one is running, since `started[worker]`.
+        queued: dict[HardTimeoutWorker, collections.deque[int]] = {
+            w: collections.deque() for w in self._workers}
+        started: dict[HardTimeoutWorker, float] = {}
 
-        def finish(worker: HardTimeoutWorker, i: int, kind: str) -> None:
-            results[i] = self._fail(kind)
+        def replace(worker: HardTimeoutWorker) -> None:
             worker.restart()
             self._counts["restarts"] += 1
+            pending.extendleft(reversed(queued[worker]))  # not their fault: run them again
+            queued[worker].clear()
 
-        while pending or busy:
-            while pending and idle:
-                worker, i = idle.pop(), pending.popleft()
-                task = ([prompts[i]], [completions[i]])
-                try:
-                    worker.send(fn, task, _per_sample(fields, n, i))
-                except (BrokenPipeError, OSError):  # died while idle: replace it and retry once
-                    worker.restart()
-                    self._counts["restarts"] += 1
-                    worker.send(fn, task, _per_sample(fields, n, i))
-                except Exception:  # the task itself cannot be pickled
-                    results[i] = self._fail("errors")
-                    idle.append(worker)
-                    continue
-                busy[worker] = (i, time.monotonic() + self.timeout)
+        while pending or any(queued.values()):
+            for worker, queue in queued.items():
+                while pending and len(queue) < self.prefetch:
+                    i = pending.popleft()
+                    try:
+                        worker.send(fn, ([prompts[i]], [completions[i]]), _per_sample(fields, n, i))
+                    except (BrokenPipeError, ConnectionError, EOFError):  # died while idle
+                        pending.appendleft(i)
+                        replace(worker)
+                        break
+                    except Exception:  # the task itself cannot be pickled
+                        results[i] = self._fail("errors")
+                        continue
+                    if not queue:
+                        started[worker] = time.monotonic()
+                    queue.append(i)
+            busy = {w.conn: w for w, q in queued.items() if q}
             if not busy:
                 continue
-            by_conn = {w.conn: w for w in busy}
-            wait_s = max(0.0, min(deadline for _, deadline in busy.values()) - time.monotonic())
-            for conn in mp.connection.wait(list(by_conn), timeout=wait_s):
-                worker = by_conn[conn]
-                i, _ = busy.pop(worker)
-                try:
-                    results[i] = _check_score(worker.receive())
-                    self._counts["scored"] += 1
-                except RewardError:
-                    results[i] = self._fail("errors")
-                except (EOFError, OSError):  # the worker died (segfault, os._exit, OOM kill)
-                    finish(worker, i, "errors")
-                idle.append(worker)
+            wait_s = max(0.0, min(started[w] for w in busy.values()) + self.timeout - time.monotonic())
+            for conn in mp.connection.wait(list(busy), timeout=wait_s):
+                worker = busy[conn]
+                queue = queued[worker]
+                while queue and worker.conn.poll():
+                    i = queue.popleft()
+                    try:
+                        results[i] = _check_score(worker.receive())
+                        self._counts["scored"] += 1
+                    except RewardError:
+                        results[i] = self._fail("errors")
+                    except (EOFError, OSError):  # the worker died on sample i (segfault, os._exit, OOM)
+                        results[i] = self._fail("errors")
+                        replace(worker)
+                        break
+                    started[worker] = time.monotonic()
             now = time.monotonic()
-            for worker, (i, deadline) in list(busy.items()):
-                if now >= deadline:
-                    del busy[worker]
-                    finish(worker, i, "timeouts")
-                    idle.append(worker)
+            for worker, queue in queued.items():
+                if queue and now >= started[worker] + self.timeout:
+                    results[queue.popleft()] = self._fail("timeouts")
+                    replace(worker)
         return results
 
     def close(self) -> None:
