@@ -164,3 +164,14 @@ def test_plain_mode_blocks_python_sockets():
                            mode="plain")
     assert result.exit_code != 0 and "network disabled" in result.stderr
     assert run_sandboxed("print(2 + 2)", mode="plain").stdout == "4\n"
+
+
+def test_code_reward_in_a_pool():
+    from r1jax.rewards import RewardPool
+
+    completions = [_fence("def add(a, b):\n    return a + b"), _fence("while True:\n    pass"),
+                   _fence("def add(a, b):\n    return 0")]
+    with RewardPool(num_workers=2, timeout=30.0) as pool:
+        scores = pool.score("code", ["q"] * 3, completions, tests=[ADD_TESTS] * 3, timeout=2.0)
+        assert scores == [1.0, 0.0, pytest.approx(1 / 3)]
+        assert pool.stats["timeouts"] == 0  # the sandbox's own timeout fired first

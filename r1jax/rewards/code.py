@@ -7,9 +7,13 @@ Reward = fraction of tests passed. Tests come in two shapes (or as a JSON string
 - stdin/stdout cases, e.g. `[{"input": "1 2\\n", "output": "3\\n"}, ...]`: one sandboxed run per case;
   outputs compare equal after stripping trailing whitespace on each line and trailing blank lines.
 
-Isolation (network, processes, memory, writes) is `r1jax.rewards.sandbox`'s; see its table for
-what each machine enforces. The program is the last ```python fenced block, else the last fenced
-block, else the whole completion.
+Isolation is `r1jax.rewards.sandbox`'s; see its docstring for what each machine enforces. In
+short: as root with `unshare` (this project's containers), no network (empty network namespace),
+a pid namespace, RLIMIT_NPROC/AS/CPU/FSIZE, uid nobody, and every mount but the temp dir read-only;
+elsewhere weaker, and `sandbox_mode()` says which.
+
+The program is the last ```python fenced block, else the last fenced block, else the whole
+completion.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import multiprocessing as mp
 import multiprocessing.connection
+import numbers
 import os
 import signal
 import threading
@@ -141,7 +142,7 @@ def _check_score(value: Any) -> float | None:
         raise RewardError(f"a reward must return one score per sample, got {value!r:.200}")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy floats are Real
         raise RewardError(f"score must be a float or None, got {value!r:.200}")
     value = float(value)
     if value != value:
