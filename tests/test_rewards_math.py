@@ -160,9 +160,11 @@ def test_grade_adversarial_inputs_bounded():
         "the answer is \\boxed{42",
         "<answer>" + "9" * 1_000_000 + "</answer>",
         "\\boxed{" + "(" * 5_000 + "1" + ")" * 5_000 + "}",
+        "\\boxed{(10^{8})!}",  # sympy would compute this for minutes
+        "\\boxed{2^{2^{30}}}",
     ]
-    scores = accuracy_reward(["q"] * 5, completions, answer=["42"] * 5, timeout=2)
-    assert scores == [0.0] * 5
+    scores = accuracy_reward(["q"] * 7, completions, answer=["42"] * 7, timeout=2)
+    assert scores == [0.0] * 7
     assert time.monotonic() - start < 60
 
 
@@ -212,8 +214,7 @@ def _derangement(n, seed=0):
 
 @pytest.mark.parametrize(
     "name",
-    ["math500.jsonl", "gsm8k_test.jsonl", "aime24.jsonl", "amc23.jsonl",
-     pytest.param("gsm8k_train.jsonl", marks=pytest.mark.slow)],
+    ["math500.jsonl", "gsm8k_test.jsonl", "gsm8k_train.jsonl", "aime24.jsonl", "amc23.jsonl"],
 )
 def test_real_gold_grades_correct_and_shuffled_wrong(name):
     pairs = _pairs(name)

@@ -111,6 +111,11 @@ def test_pool_inline_mode_catches_errors():
         assert p.stats["errors"] == 2
 
 
+def test_pool_rejects_unpicklable_rewards(pool):
+    with pytest.raises(TypeError, match="module-level function"):
+        pool.score(lambda prompts, completions: [1.0], ["q"], ["a"])
+
+
 def test_pool_rejects_fork_and_bad_sizes():
     with pytest.raises(ValueError, match="fork"):
         RewardPool(num_workers=1, start_method="fork")

@@ -270,7 +270,8 @@ def grade(prediction: str | None, gold: str | None, timeout: float | None = DEFA
     The normaliser's verdict first (equal forms, or two exact numbers), then math-verify (sympy:
     numeric and symbolic equality, sets, intervals, matrices, equations) under a `timeout`-second
     bound that works in any thread; a timeout, a parse failure or an error counts as not equal.
-    `timeout=None` lifts the bound.
+    `timeout=None` lifts the bound. In the main thread the bound is a signal, which C code holding
+    the GIL would delay; `RewardPool`'s per-sample kill is the backstop for that.
     """
     if not isinstance(prediction, str) or not isinstance(gold, str):
         return False

@@ -25,6 +25,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import numbers
 import os
+import pickle
 import signal
 import threading
 import time
@@ -209,6 +210,13 @@ class RewardPool:
         if len(prompts) != n:
             raise ValueError(f"prompts has {len(prompts)} entries, completions {n}")
         fn = _resolve(fn)
+        if self._workers:
+            try:
+                pickle.dumps(fn)
+            except Exception as e:  # a programming error, not a sample's failure: say so
+                raise TypeError(f"reward {fn!r:.200} cannot be sent to worker processes ({e}); use "
+                                "a module-level function, a functools.partial of one, or a registry "
+                                "name") from e
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardPool is closed")
