@@ -1,6 +1,6 @@
 """Checkpointer: exact round trips (typed and raw PRNG keys, optax state, JSON items), resharding
 onto a 2x2x2 mesh in a fresh process, keep-K, a save killed half-way, corrupt steps, the
-non-finite protocol, and SIGTERM → save → exit 0 in a real subprocess."""
+non-finite protocol, and SIGTERM → save → exit 0 in a real subprocess and across two JAX processes."""
 
 import json
 import os
@@ -426,4 +426,68 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     state, data, _ = ckpt.restore(abstract_state=abstract)
     np.testing.assert_array_equal(state["w"], np.full(4, float(saved), np.float32))
     assert int(state["step"]) == saved and data == {"pos": saved}
+    ckpt.close()
+
+
+def test_multihost_sigterm_stops_every_host_at_the_same_step(tmp_path):
+    """Two JAX processes (jax.distributed on CPU): SIGTERM to one; both save the same step, exit 0."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    root = tmp_path / "ck"
+    code = textwrap.dedent(
+        f"""
+        import sys, time
+        import jax
+        pid = int(sys.argv[1])
+        jax.distributed.initialize("localhost:{port}", num_processes=2, process_id=pid)
+        import numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from r1jax.checkpoint import Checkpointer, PreemptionHandler
+        sharding = NamedSharding(jax.make_mesh((2,), ("data",)), P("data"))
+        ckpt = Checkpointer({str(root)!r}, save_every=1000, keep=2)
+        with PreemptionHandler() as preempt:
+            assert preempt.multihost
+            for step in range(1, 100_000):
+                w = jax.make_array_from_callback((4,), sharding, lambda i: np.full(4, step, np.float32)[i])
+                ckpt.save(step, {{"w": w}})
+                print("step", step, flush=True)
+                if preempt.should_stop(step):
+                    ckpt.save(step, {{"w": w}}, force=True)
+                    ckpt.close()
+                    print("saved", step, flush=True)
+                    jax.distributed.shutdown()
+                    sys.exit(0)
+                time.sleep(0.05)
+        """
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device per process
+    logs = [open(tmp_path / f"err{i}.txt", "w") for i in range(2)]  # noqa: SIM115 - closed below
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(i)], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=logs[i]
+        )
+        for i in range(2)
+    ]
+    try:
+        read_until(procs[0], "step 3")
+        procs[0].send_signal(signal.SIGTERM)  # the preemption notice reaches one host only
+        outs = [p.communicate(timeout=90)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for f in logs:
+            f.close()
+    errs = [(tmp_path / f"err{i}.txt").read_text()[-2000:] for i in range(2)]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    saved = {int(out.strip().splitlines()[-1].split()[-1]) for out in outs}
+    assert len(saved) == 1, outs  # both hosts stopped at the same step
+    (step,) = saved
+    ckpt = Checkpointer(root, save_every=1000, keep=2)
+    assert ckpt.all_steps() == [step]
+    dev0 = SingleDeviceSharding(jax.devices()[0])
+    state, _, _ = ckpt.restore(abstract_state={"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=dev0)})
+    np.testing.assert_array_equal(state["w"], np.full(4, step, np.float32))
     ckpt.close()
