@@ -10,9 +10,10 @@ Design choices:
 
 * **Atomicity is Orbax's.** Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete
   (or writes `commit_success.txt` on object stores), and never lists a tmp directory as a step, so
-  a save killed half-way is never the latest step. Tmp directories left by a killed save are removed
-  when a `Checkpointer` opens the directory. Nothing else is ever deleted except by the keep-K
-  rotation.
+  a save killed half-way is never the latest step; its tmp directory is replaced when that step is
+  saved again. (Orbax's `cleanup_tmp_directories` is left off: its background clean-up races
+  interpreter exit when a process opens a directory and closes it without saving.) Nothing is ever
+  deleted except by the keep-K rotation.
 * **Restore places arrays where `abstract_state` says.** Every leaf carries its target sharding
   (`jax.ShapeDtypeStruct(..., sharding=...)`, or a concrete `jax.Array` whose sharding is used), so
   a checkpoint written on one mesh restores onto another.
@@ -170,7 +171,6 @@ class Checkpointer:
             ),
             preservation_policy=ocm.LatestN(keep),
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
             create=True,
         )
         try:
