@@ -17,7 +17,9 @@ over the k samples, pass@k and cons@k (majority vote). This module owns everythi
   results into one summary; `write_results_jsonl` / `summary_table` / `write_summary_markdown`
   write the per-problem JSONL and the markdown table.
 
-Imports numpy only: no JAX, so it can grade and summarise anywhere.
+Grading and summaries import numpy only, so they run anywhere; `sample_completions` and
+`evaluate_model` (the sampling side, used by the trainer and `python -m r1jax.evaluate`) import JAX
+when called.
 """
 
 from __future__ import annotations
@@ -355,6 +357,48 @@ def write_summary_markdown(
     return path
 
 
-# The sampling-driven entry point (`python -m r1jax.evaluate`: load a checkpoint, sample k
-# completions per problem at temperature 0.6 / top-p 0.95 with r1jax.sampling, then call
-# evaluate_completions, summarize and the writers above) belongs here and is added with the sampler.
+
+def sample_completions(
+    graphdef,
+    params,
+    records: Sequence[Mapping[str, Any]],
+    tokenizer,
+    *,
+    template: str,
+    k: int,
+    sampling,
+    key,
+    prompts_per_batch: int = 64,
+    mesh=None,
+) -> tuple[list[list[str]], list[list[int]]]:
+    """k completions per record (texts, cut before the stop token) and their lengths in tokens."""
+    import jax
+
+    from r1jax.data.templates import format_prompt
+    from r1jax.sampling import sample_groups
+    from r1jax.trainers.rl import decode_completions
+
+    texts: list[list[str]] = []
+    lengths: list[list[int]] = []
+    for start in range(0, len(records), prompts_per_batch):
+        chunk = records[start:start + prompts_per_batch]
+        ids = [tokenizer.encode(format_prompt(template, r["question"], tokenizer=tokenizer), add_bos=True)
+               for r in chunk]
+        out = sample_groups(graphdef, params, ids, k, jax.random.fold_in(key, start), sampling, mesh=mesh)
+        decoded = decode_completions(out, tokenizer.decode, sampling.eos_ids)
+        n = np.asarray(out.lengths).tolist()
+        texts.extend(decoded[i * k:(i + 1) * k] for i in range(len(chunk)))
+        lengths.extend(n[i * k:(i + 1) * k] for i in range(len(chunk)))
+    return texts, lengths
+
+
+def evaluate_model(graphdef, params, records, tokenizer, *, template, k, sampling, key, grader=None, mesh=None,
+                   prompts_per_batch: int = 64) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """R1's protocol on `records`: k samples each → (summary, per-problem results)."""
+    from r1jax.rewards import accuracy_reward, extract_answer
+
+    texts, lengths = sample_completions(graphdef, params, records, tokenizer, template=template, k=k,
+                                        sampling=sampling, key=key, prompts_per_batch=prompts_per_batch, mesh=mesh)
+    per_problem = evaluate_completions(records, texts, grader or grader_from_reward(accuracy_reward),
+                                       extract_answer=extract_answer, lengths_per_problem=lengths)
+    return summarize(per_problem), per_problem

@@ -38,6 +38,16 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules = DEFAULT
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def sharded_abstract_state(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
+    """graphdef and a state of `jax.ShapeDtypeStruct`s carrying the table's shardings (restore targets)."""
+    graphdef, abstract = abstract_model(cfg)
+    shardings = state_shardings(abstract, mesh, rules)
+    flat = jax.tree.leaves(shardings)
+    leaves, treedef = jax.tree.flatten(abstract)
+    placed = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(leaves, flat, strict=True)]
+    return graphdef, jax.tree.unflatten(treedef, placed)
+
+
 def init_model(
     cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None, rules: ShardingRules = DEFAULT_RULES
 ) -> Transformer:

@@ -66,16 +66,6 @@ class RLConfig:
                              f"{rows // self.num_minibatches} completions")
 
 
-@dataclasses.dataclass
-class RLState:
-    """Everything a checkpoint holds, besides the data iterator."""
-
-    step: int
-    params: nnx.State
-    opt_state: Any
-    ref_params: nnx.State | None
-
-
 def _repeat(values: Sequence[Any], g: int) -> list[Any]:
     return [v for v in values for _ in range(g)]
 
@@ -122,20 +112,31 @@ class GRPOTrainer:
         self._opt_init = jax.jit(self.optimizer.init)
         with mesh_context(self.mesh):
             opt_state = self._opt_init(params)
-        ref = jax.tree.map(jnp.copy, params) if loss_cfg.beta > 0 else None
-        self.state = RLState(step=0, params=params, opt_state=opt_state, ref_params=ref)
+        self.params, self.opt_state = params, opt_state
+        self.ref_params = jax.tree.map(jnp.copy, params) if loss_cfg.beta > 0 else None
+        self.step_count = 0
         self.key = jax.random.key(config.seed)
 
     # ------------------------------------------------------------------------------------ helpers
 
     @property
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.state.params)
+        return nnx.merge(self.graphdef, self.params)
+
+    def train_state(self) -> dict[str, Any]:
+        state = {"params": self.params, "opt_state": self.opt_state}
+        if self.ref_params is not None:
+            state["ref_params"] = self.ref_params
+        return state
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        self.params, self.opt_state = state["params"], state["opt_state"]
+        self.ref_params = state.get("ref_params")
 
     # ------------------------------------------------------------------------------------ one step
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], key: jax.Array) -> SampleOutput:
-        return sample_groups(self.graphdef, self.state.params, prompt_ids, self.config.loss.group_size, key,
+        return sample_groups(self.graphdef, self.params, prompt_ids, self.config.loss.group_size, key,
                              self.config.sampling, mesh=self.mesh)
 
     def _score_rewards(self, batch: dict[str, Any], out: SampleOutput) -> tuple[np.ndarray, dict[str, Any]]:
@@ -149,7 +150,7 @@ class GRPOTrainer:
     def step(self, batches: Callable[[], dict[str, Any]]) -> dict[str, float]:
         """One GRPO step; `batches()` yields the next batch of prompts (called again to refill)."""
         cfg, g = self.config, self.config.loss.group_size
-        step = self.state.step
+        step = self.step_count
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         kept: list[dict[str, np.ndarray]] = []
@@ -187,7 +188,7 @@ class GRPOTrainer:
         if cfg.loss.beta > 0:
             t = time.perf_counter()
             with mesh_context(self.mesh):
-                batch_dev["ref_logp"] = self._score(self.state.ref_params, batch_dev)
+                batch_dev["ref_logp"] = self._score(self.ref_params, batch_dev)
                 jax.block_until_ready(batch_dev["ref_logp"])
             ref_time = time.perf_counter() - t
 
@@ -195,7 +196,7 @@ class GRPOTrainer:
         update_metrics = []
         rows = cfg.prompts_per_step * g
         mb = rows // cfg.num_minibatches
-        params, opt_state = self.state.params, self.state.opt_state
+        params, opt_state = self.params, self.opt_state
         with mesh_context(self.mesh):
             for it in range(cfg.loss.num_iterations):
                 order = np.asarray(jax.random.permutation(jax.random.fold_in(self.key, 10_000 * step + it), rows)) \
@@ -207,14 +208,14 @@ class GRPOTrainer:
                     update_metrics.append(m)
             jax.block_until_ready(params)
         times["update"] = time.perf_counter() - t
-        self.state.params, self.state.opt_state = params, opt_state
-        self.state.step = step + 1
-        if cfg.loss.beta > 0 and cfg.ref_update_every and self.state.step % cfg.ref_update_every == 0:
-            self.state.ref_params = jax.tree.map(jnp.copy, params)
+        self.params, self.opt_state = params, opt_state
+        self.step_count = step + 1
+        if cfg.loss.beta > 0 and cfg.ref_update_every and self.step_count % cfg.ref_update_every == 0:
+            self.ref_params = jax.tree.map(jnp.copy, params)
 
         metrics = _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups, zero_groups)
         updates_per_step = cfg.loss.num_iterations * cfg.num_minibatches
-        metrics["train/lr"] = float(self.schedule(self.state.step * updates_per_step - 1))
+        metrics["train/lr"] = float(self.schedule(self.step_count * updates_per_step - 1))
         metrics["time/step"] = time.perf_counter() - t0
         metrics["tokens_per_s"] = float(host["lengths"].sum()) / metrics["time/step"]
         return metrics

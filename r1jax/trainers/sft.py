@@ -10,7 +10,7 @@ compiles a handful of programs, not one per batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -82,7 +82,15 @@ class SFTTrainer:
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.params)
 
-    def step(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, float]:
+    def train_state(self) -> dict:
+        return {"params": self.params, "opt_state": self.opt_state}
+
+    def load_train_state(self, state: dict) -> None:
+        self.params, self.opt_state = state["params"], state["opt_state"]
+
+    def step(self, next_batch: Callable[[], Sequence[tuple[Sequence[int], Sequence[int]]]]) -> dict[str, float]:
+        """One optimizer step on the next batch of (prompt ids, completion ids) pairs."""
+        pairs = next_batch()
         batch = {k: shard_rows(v, self.mesh) for k, v in sft_batch(pairs, self.pad_id, self.config.max_length).items()}
         with mesh_context(self.mesh):
             self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, batch)

@@ -1,0 +1,65 @@
+"""R1-Zero: GRPO with rule rewards (accuracy + format) on the paper's template, from a base model.
+
+With `model.hf_path` empty (the default) this is the embedded laptop demo: a sentencepiece tokenizer
+trained on the synthetic task's corpus, a tiny base model obtained by a short pretraining stage on a
+deliberately imperfect corpus, then R1-Zero GRPO; nothing is downloaded. For a real model:
+
+    python -m r1jax.train --config=r1zero --config.model.hf_path=/ckpt/Qwen2.5-1.5B \
+        --config.data.train=/data/gsm8k_train.jsonl --config.data.eval=/data/gsm8k_test.jsonl \
+        --config.stages=rl --config.rl.group_size=16 --config.rl.beta=0.001
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.name = "r1zero"
+    c.seed = 0
+    c.stages = "pretrain,rl"  # comma-separated, run in order; each starts from the previous stage's params
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    c.model = ConfigDict(dict(
+        hf_path="",  # a local HF folder (config.json + *.safetensors); empty: the preset below
+        preset="",  # a r1jax.model preset name; empty: the fields below
+        vocab_size=0,  # 0: the tokenizer's
+        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
+        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+        dtype="float32", param_dtype="float32", remat="none",
+    ))
+    c.tokenizer = ConfigDict(dict(
+        path="",  # an HF tokenizer folder; empty: HF model folder, else a sentencepiece model trained on the corpus
+        vocab_size=384,
+    ))
+    c.data = ConfigDict(dict(
+        train="synthetic",  # "synthetic", "synthetic:countdown", a benchmark name or a .jsonl path
+        eval="synthetic",
+        train_size=20000, eval_size=64, data_dir="",
+        template="r1_zero",
+        max_prompt_length=256,
+        # the synthetic task (r1jax.data.synthetic.TaskSpec)
+        min_steps=2, max_steps=3, max_operand=9, max_value=99,
+    ))
+
+    # The base model of the embedded default: next-token training on an imperfect corpus.
+    c.pretrain = ConfigDict(dict(
+        corpus_size=6000, correct_fraction=0.5, steps=600, batch_size=32,
+        learning_rate=1e-3, warmup_steps=50, schedule="cosine", weight_decay=0.0, max_grad_norm=1.0,
+        max_length=256, micro_batches=1,
+    ))
+
+    c.rl = ConfigDict(dict(
+        steps=80, prompts_per_step=16, group_size=8,
+        preset="grpo", beta=0.001, epsilon_low=0.2, epsilon_high=0.2, kl_estimator="k3",
+        num_iterations=1, num_minibatches=1, micro_batches=1,
+        ref_update_every=400, dynamic_sampling=False, max_sampling_rounds=3,
+        rewards=ConfigDict({"accuracy": 1.0, "format": 1.0}),
+        reward_workers=0, reward_timeout=10.0,
+        learning_rate=1e-4, warmup_steps=5, schedule="constant", weight_decay=0.0, max_grad_norm=1.0,
+        chunk_size=512,
+    ))
+    c.sampling = ConfigDict(dict(max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0))
+    # R1's evaluation protocol: k samples per problem at temperature 0.6, top-p 0.95.
+    c.eval = ConfigDict(dict(every=10, k=4, temperature=0.6, top_p=0.95, max_new_tokens=64))
+    c.checkpoint = ConfigDict(dict(every=20, keep=2))
+    return c

@@ -1,0 +1,219 @@
+"""Named stages run in order, each starting from the previous stage's final parameters.
+
+    workdir/
+      tokenizer/              sentencepiece model (embedded default only), cached
+      <stage>/manifest.json   status, config, metrics, init checkpoint + hash, output checkpoint + hash
+      <stage>/checkpoints/    Orbax steps for exact in-stage resume
+      <stage>/final/          the stage's final parameters (Orbax): the next stage's initial state
+      <stage>/metrics.jsonl   (+ TensorBoard events)
+
+A stage whose manifest says "done" is skipped on a rerun; a "running" one resumes from its last
+checkpoint. The run's resources (mesh, tokenizer, datasets, the initial model) are built once by
+`RunContext` and shared by every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from r1jax.data import benchmarks, synthetic
+from r1jax.model import ModelConfig, get_preset, init_model, load_hf
+from r1jax.model.build import sharded_abstract_state
+from r1jax.sharding import make_mesh
+
+MANIFEST = "manifest.json"
+
+
+# ------------------------------------------------------------------------------------ manifests
+
+
+@dataclasses.dataclass
+class StageManifest:
+    name: str
+    status: str = "running"  # running | done
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init_checkpoint: str | None = None
+    init_param_hash: str | None = None
+    checkpoint: str | None = None
+    param_hash: str | None = None
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    started: float = 0.0
+    finished: float | None = None
+
+    @classmethod
+    def read(cls, stage_dir: Path) -> StageManifest | None:
+        path = stage_dir / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path}: not a stage manifest ({e}); move it aside to rerun the stage") from e
+
+    def write(self, stage_dir: Path) -> None:
+        if jax.process_index() != 0:
+            return
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stage_dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, default=_json_value))
+        tmp.replace(stage_dir / MANIFEST)  # atomic: a crash never leaves half a manifest
+
+
+def _json_value(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def param_hash(params: nnx.State) -> str:
+    """sha256 over every parameter's path, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0])):
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def save_params(params: nnx.State, path: Path) -> None:
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path.absolute(), params, force=True)
+
+
+def restore_params(path: Path, abstract: nnx.State) -> nnx.State:
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path.absolute(), abstract)
+
+
+# ------------------------------------------------------------------------------------ run context
+
+
+class RunContext:
+    """Mesh, tokenizer, datasets and the initial model of one run, built lazily and once."""
+
+    def __init__(self, config: ConfigDict, workdir: Path):
+        self.config = config
+        self.workdir = workdir
+        self.mesh = make_mesh(**config.mesh)
+        self._tokenizer = None
+
+    @property
+    def task_spec(self) -> synthetic.TaskSpec:
+        d = self.config.data
+        task = d.train.split(":")[1] if d.train.startswith("synthetic:") else "arithmetic"
+        return synthetic.TaskSpec(task=task, min_steps=d.min_steps, max_steps=d.max_steps,
+                                  max_operand=d.max_operand, max_value=d.max_value)
+
+    def corpus(self) -> list[str]:
+        p = self.config.pretrain
+        return synthetic.corpus(p.corpus_size, seed=self.config.seed, correct_fraction=p.correct_fraction,
+                                spec=self.task_spec, template=self.config.data.template)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from r1jax.data.tokenizer import load_hf_tokenizer, train_sentencepiece
+
+            c = self.config
+            if c.tokenizer.path or c.model.hf_path:
+                self._tokenizer = load_hf_tokenizer(c.tokenizer.path or c.model.hf_path)
+            else:
+                self._tokenizer = train_sentencepiece(self.corpus(), c.tokenizer.vocab_size, self.workdir / "tokenizer")
+        return self._tokenizer
+
+    def records(self, split: str) -> list[dict[str, Any]]:
+        d = self.config.data
+        spec = d.train if split == "train" else d.eval
+        size = d.train_size if split == "train" else d.eval_size
+        if spec.startswith("synthetic"):
+            return synthetic.generate("train" if split == "train" else "test", size, seed=self.config.seed,
+                                      spec=self.task_spec)
+        return benchmarks.load_benchmark(spec, limit=size or None, data_dir=d.data_dir or None)
+
+    def model_config(self) -> ModelConfig:
+        m = self.config.model
+        runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        if m.preset:
+            return get_preset(m.preset, **runtime)
+        return ModelConfig(
+            vocab_size=m.vocab_size or self.tokenizer.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+            num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
+            max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
+            tie_word_embeddings=m.tie_word_embeddings, **runtime)
+
+    def initial_model(self) -> nnx.Module:
+        m = self.config.model
+        if m.hf_path:
+            return load_hf(m.hf_path, mesh=self.mesh, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        return init_model(self.model_config(), seed=self.config.seed, mesh=self.mesh)
+
+    def model_from(self, checkpoint: Path) -> nnx.Module:
+        """A model with the parameters a previous stage saved, placed by the sharding table."""
+        graphdef, abstract = sharded_abstract_state(self.initial_model_config(), self.mesh)
+        return nnx.merge(graphdef, restore_params(checkpoint, abstract))
+
+    def initial_model_config(self) -> ModelConfig:
+        if self.config.model.hf_path:
+            from r1jax.model.hf import read_config
+
+            m = self.config.model
+            return read_config(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        return self.model_config()
+
+
+# ------------------------------------------------------------------------------------ running stages
+
+StageFn = Callable[[RunContext, nnx.Module, Path], tuple[nnx.Module, dict[str, Any]]]
+
+
+def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, StageFn]) -> dict[str, StageManifest]:
+    """Run `config.stages` in order; returns each stage's manifest."""
+    workdir = Path(workdir)
+    names = [s.strip() for s in config.stages.split(",") if s.strip()]
+    unknown = [n for n in names if n not in stages]
+    if not names or unknown:
+        raise ValueError(f"config.stages={config.stages!r}: unknown stage(s) {unknown}; known: {sorted(stages)}")
+    ctx = RunContext(config, workdir)
+    previous: StageManifest | None = None
+    manifests = {}
+    for name in names:
+        stage_dir = workdir / name
+        manifest = StageManifest.read(stage_dir)
+        if manifest is not None and manifest.status == "done":
+            print(f"[r1jax] stage {name}: done already ({stage_dir / MANIFEST}), skipping", flush=True)
+            manifests[name] = previous = manifest
+            continue
+        model = ctx.initial_model() if previous is None else ctx.model_from(Path(previous.checkpoint))
+        init_hash = param_hash(nnx.state(model))
+        if manifest is None:
+            manifest = StageManifest(name=name, config=_stage_config(config, name), started=time.time())
+        manifest.init_checkpoint = previous.checkpoint if previous else (config.model.hf_path or "random-init")
+        manifest.init_param_hash = init_hash
+        manifest.write(stage_dir)
+        print(f"[r1jax] stage {name}: starting from {manifest.init_checkpoint}", flush=True)
+        model, metrics = stages[name](ctx, model, stage_dir)
+        final = stage_dir / "final"
+        params = nnx.state(model)
+        save_params(params, final)
+        manifest.checkpoint, manifest.param_hash = str(final.absolute()), param_hash(params)
+        manifest.metrics, manifest.status, manifest.finished = metrics, "done", time.time()
+        manifest.write(stage_dir)
+        manifests[name] = previous = manifest
+    return manifests
+
+
+def _stage_config(config: ConfigDict, name: str) -> dict[str, Any]:
+    section = config.get(name)
+    return section.to_dict() if isinstance(section, ConfigDict) else {}

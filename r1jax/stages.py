@@ -1,0 +1,126 @@
+"""The stages a config can name: each takes the run context and a model, trains, returns the model.
+
+* `pretrain` — next-token training on the synthetic corpus: the embedded default's base model.
+* `rl` — R1-Zero GRPO with rule rewards, held-out evaluation every N steps, curves and a report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from flax import nnx
+
+from r1jax.data.pipeline import prompt_dataset
+from r1jax.evaluate import evaluate_model
+from r1jax.grpo import GRPOConfig
+from r1jax.metrics import plot_curves, read_jsonl, write_report
+from r1jax.pipeline import RunContext
+from r1jax.rewards import RewardPool, combine
+from r1jax.sampling import SamplingConfig
+from r1jax.trainers.loop import run_loop
+from r1jax.trainers.optim import OptimConfig
+from r1jax.trainers.rl import GRPOTrainer, RLConfig
+from r1jax.trainers.sft import SFTConfig, SFTTrainer
+
+
+def optim_config(section, total_steps: int) -> OptimConfig:
+    return OptimConfig(learning_rate=section.learning_rate, warmup_steps=section.warmup_steps,
+                       schedule=section.schedule, total_steps=total_steps, weight_decay=section.weight_decay,
+                       max_grad_norm=section.max_grad_norm)
+
+
+def batches_of(items: list[Any], batch_size: int, seed: int):
+    """A checkpointable iterator of shuffled batches (lists), repeating forever, sharded per host."""
+    shard = items[jax.process_index()::jax.process_count()]
+    ds = grain.MapDataset.source(shard).shuffle(seed=seed).repeat(None).batch(batch_size, batch_fn=list)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+
+
+def pretrain(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
+    p, tok = ctx.config.pretrain, ctx.tokenizer
+    bos = [tok.bos_id] if tok.bos_id is not None else [tok.eos_id]
+    pairs = [(bos, tok.encode(text, add_eos=True)) for text in ctx.corpus()]
+    cfg = SFTConfig(steps=p.steps, batch_size=p.batch_size, optim=optim_config(p, p.steps),
+                    micro_batches=p.micro_batches, max_length=p.max_length, seed=ctx.config.seed)
+    trainer = SFTTrainer(cfg, model, pad_id=tok.pad_id, mesh=ctx.mesh)
+    history = run_loop(trainer, batches_of(pairs, p.batch_size, ctx.config.seed), steps=p.steps, workdir=stage_dir,
+                       save_every=ctx.config.checkpoint.every, keep=ctx.config.checkpoint.keep,
+                       show={"loss": "train/loss"})
+    return trainer.model, (history[-1] if history else {})
+
+
+def grpo_config(rl, sampling) -> GRPOConfig:
+    overrides = dict(group_size=rl.group_size, beta=rl.beta, epsilon_low=rl.epsilon_low,
+                     epsilon_high=rl.epsilon_high, kl_estimator=rl.kl_estimator, num_iterations=rl.num_iterations)
+    if rl.preset == "dr_grpo":
+        overrides["max_completion_length"] = sampling.max_new_tokens
+    return GRPOConfig.preset(rl.preset, **overrides)
+
+
+def eval_fn(ctx: RunContext, records: list[dict[str, Any]]):
+    """Held-out pass@1 (R1 protocol: k samples at temperature 0.6, top-p 0.95) as metrics."""
+    e, tok = ctx.config.eval, ctx.tokenizer
+    sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                              eos_ids=(tok.eos_id,), pad_id=tok.pad_id)
+    key = jax.random.key(ctx.config.seed + 1)
+
+    def evaluate(trainer) -> dict[str, float]:
+        summary, per_problem = evaluate_model(
+            trainer.graphdef, trainer.params, records, tok, template=ctx.config.data.template, k=e.k,
+            sampling=sampling, key=jax.random.fold_in(key, trainer.step_count), mesh=ctx.mesh)
+        lengths = [n for r in per_problem for n in r["lengths"]]
+        out = {"eval/pass1": summary["pass@1"], "eval/pass1_stderr": summary["pass@1_stderr"],
+               "eval/length_mean": float(np.mean(lengths))}
+        out.update({f"eval/{k}": v for k, v in summary.items() if k.startswith(("pass@", "cons@")) and k != "pass@1"})
+        return out
+
+    return evaluate
+
+
+def rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
+    c, tok = ctx.config, ctx.tokenizer
+    r, s = c.rl, c.sampling
+    sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                              top_k=s.top_k, eos_ids=(tok.eos_id,), pad_id=tok.pad_id)
+    cfg = RLConfig(steps=r.steps, prompts_per_step=r.prompts_per_step, loss=grpo_config(r, s), sampling=sampling,
+                   optim=optim_config(r, r.steps), num_minibatches=r.num_minibatches, micro_batches=r.micro_batches,
+                   ref_update_every=r.ref_update_every, dynamic_sampling=r.dynamic_sampling,
+                   max_sampling_rounds=r.max_sampling_rounds, chunk_size=r.chunk_size, seed=c.seed)
+    reward = combine({name: (name, float(w)) for name, w in r.rewards.items()})
+    pool = RewardPool(num_workers=r.reward_workers, timeout=r.reward_timeout) if r.reward_workers else None
+    prompts = prompt_dataset(ctx.records("train"), c.data.template, tok, r.prompts_per_step, seed=c.seed,
+                             shard_index=jax.process_index(), shard_count=jax.process_count(),
+                             max_prompt_length=c.data.max_prompt_length)
+    trainer = GRPOTrainer(cfg, model, tok, reward, mesh=ctx.mesh, reward_pool=pool)
+    try:
+        history = run_loop(trainer, iter(prompts), steps=r.steps, workdir=stage_dir, save_every=c.checkpoint.every,
+                           keep=c.checkpoint.keep, evaluate=eval_fn(ctx, ctx.records("eval")), eval_every=c.eval.every,
+                           show={"reward": "reward/mean", "pass@1": "eval/pass1", "len": "completion/length_mean"})
+    finally:
+        if pool is not None:
+            pool.close()
+    figures = plot_curves(stage_dir / "metrics.jsonl", stage_dir)
+    report = write_report(stage_dir, _summary(stage_dir / "metrics.jsonl"), figures)
+    print(f"[r1jax] report: {report}", flush=True)
+    return trainer.model, (history[-1] if history else {})
+
+
+def _summary(metrics_path: Path) -> dict[str, Any]:
+    rows = read_jsonl(metrics_path)
+    evals = [r for r in rows if r.get("eval/pass1") is not None]
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    return {
+        "base pass@1 (held-out)": first["eval/pass1"], "final pass@1 (held-out)": last["eval/pass1"],
+        "pass@1 gain (points)": 100 * (last["eval/pass1"] - first["eval/pass1"]),
+        "base mean length": first.get("eval/length_mean"), "final mean length": last.get("eval/length_mean"),
+        "steps": last["step"],
+    }
+
+
+STAGES = {"pretrain": pretrain, "rl": rl}

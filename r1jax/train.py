@@ -1,0 +1,74 @@
+"""`python -m r1jax.train --config=NAME [--config.rl.beta=0.0 …] [--workdir DIR]`.
+
+NAME is a file of the `configs` package (`configs/NAME.py` with `get_config()`), found whether
+r1jax is installed or used from a checkout, or a path to such a file. Overrides use
+ml_collections' `--config.a.b=value` syntax; an unknown field fails before any work, naming it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+FLAGS = flags.FLAGS
+
+
+def resolve_config_path(name: str) -> str:
+    """`configs/NAME.py` of the installed or checked-out package, or NAME itself if it is a file."""
+    path, _, override = name.partition(":")
+    if os.path.exists(path):
+        return name
+    spec = importlib.util.find_spec("configs")
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    roots.append(Path(__file__).resolve().parents[1] / "configs")
+    for root in roots:
+        candidate = root / f"{path}.py"
+        if candidate.exists():
+            return str(candidate) + (f":{override}" if override else "")
+    known = sorted({p.stem for root in roots if root.is_dir() for p in root.glob("*.py") if p.stem != "__init__"})
+    raise SystemExit(f"--config={name}: no such config; known: {known}")
+
+
+def _rewrite_config_arg(argv: list[str]) -> list[str]:
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config=") and i > 0:
+            arg = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+        out.append(arg)
+    return out
+
+
+def default_workdir(config: ConfigDict) -> str:
+    return os.path.join("runs", config.get("name", "run"))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
+        logging.set_verbosity(logging.WARNING)
+    from r1jax.pipeline import run_pipeline
+    from r1jax.stages import STAGES
+
+    config = FLAGS.config
+    workdir = FLAGS.workdir or default_workdir(config)
+    print(f"[r1jax] config {config.get('name')}: workdir {workdir}", flush=True)
+    manifests = run_pipeline(config, workdir, STAGES)
+    for name, m in manifests.items():
+        print(f"[r1jax] stage {name}: {m.status}, parameters {m.checkpoint}", flush=True)
+
+
+def run() -> None:
+    config_flags.DEFINE_config_file("config", None, "configs/NAME.py (or NAME) with get_config()", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and reports go (default runs/NAME)")
+    flags.mark_flag_as_required("config")
+    app.run(main, argv=_rewrite_config_arg(sys.argv))
+
+
+if __name__ == "__main__":
+    run()
