@@ -575,18 +575,28 @@ def grpo_loss(
 
         with jax.named_scope("ratio"):
             log_ratio = lp - old  # [B, T]
-            if c.ratio_level == "token":
-                ratio = jnp.exp(log_ratio)
-            else:  # GSPO: s_i as the value, per-token gradient s_i · ∇log π_θ(o_t)
+            if c.ratio_level == "sequence":  # GSPO: value s_i, per-token gradient s_i · ∇log π_θ(o_t)
                 seq_log_ratio = jnp.sum(log_ratio * maskf, axis=-1) / jnp.maximum(lengths, 1)  # [B]
-                ratio = jnp.exp(sg(seq_log_ratio)[:, None] + lp - sg(lp))  # [B, T]
+                log_ratio = sg(seq_log_ratio)[:, None] + lp - sg(lp)  # [B, T]
+            r = jnp.exp(sg(log_ratio))  # the ratio's value, [B, T]
 
         with jax.named_scope("clipped_objective"):
+            # min(r·A, clip(r, lo, hi)·A), written by cases: where the clip (or the dual clip, or A = 0)
+            # decides, the objective is a constant; elsewhere it is r·A. The ratio is only
+            # exponentiated where it is used, so an overflowing ratio in a clipped branch cannot
+            # turn the gradient into 0·inf = NaN.
             a = adv[:, None]  # [B, 1]
-            objective = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - c.epsilon_low, 1 + c.epsilon_high) * a)
+            lo, hi = 1 - c.epsilon_low, 1 + c.epsilon_high
+            clipped_low = (a < 0) & (r < lo)  # [B, T]
+            clipped_high = (a > 0) & (r > hi)
+            constant = jnp.where(clipped_low, lo * a, jnp.where(clipped_high, hi * a, 0.0))
+            frozen = clipped_low | clipped_high | (a == 0)
             if c.dual_clip is not None:
-                objective = jnp.where(a < 0, jnp.maximum(objective, c.dual_clip * a), objective)
-            pg = -objective  # [B, T]
+                dual_clipped = (a < 0) & (r > c.dual_clip)  # max(min(r·A, clip(r)·A), δ·A) = δ·A
+                constant = jnp.where(dual_clipped, c.dual_clip * a, constant)
+                frozen = frozen | dual_clipped
+            ratio = jnp.exp(jnp.where(frozen, 0.0, log_ratio))  # [B, T], carries the gradient
+            pg = -jnp.where(frozen, constant, ratio * a)  # [B, T]
 
         def aggregate(per_token: jax.Array) -> jax.Array:
             row_sum = jnp.sum(per_token * maskf, axis=-1)  # [B]
@@ -608,7 +618,6 @@ def grpo_loss(
             loss = loss * jnp.where(nonfinite > 0, jnp.nan, 1.0).astype(dtype)
 
         with jax.named_scope("metrics"):
-            r = sg(ratio)
 
             def token_mean(x: jax.Array) -> jax.Array:
                 return jnp.sum(jnp.where(valid, x, 0).astype(dtype)) / n_tok
@@ -616,15 +625,15 @@ def grpo_loss(
             metrics: dict[str, jax.Array] = {
                 "loss": sg(loss),
                 "pg_loss": sg(pg_loss),
-                "clip_frac_low": token_mean((a < 0) & (r < 1 - c.epsilon_low)),
-                "clip_frac_high": token_mean((a > 0) & (r > 1 + c.epsilon_high)),
+                "clip_frac_low": token_mean(clipped_low),
+                "clip_frac_high": token_mean(clipped_high),
                 "ratio_mean": token_mean(r),
                 "ratio_min": jnp.min(jnp.where(valid, r, jnp.inf)),
                 "ratio_max": jnp.max(jnp.where(valid, r, -jnp.inf)),
                 "advantage_mean": jnp.sum(adv) / n_seq,
             }
             if c.dual_clip is not None:
-                metrics["clip_frac_dual"] = token_mean((a < 0) & (r > c.dual_clip))
+                metrics["clip_frac_dual"] = token_mean(dual_clipped)
             if use_kl:
                 metrics["kl"] = sg(token_mean(kl))
             n_local = jnp.maximum(jnp.sum(has_tokens, dtype=dtype), 1)
