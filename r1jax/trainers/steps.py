@@ -76,17 +76,18 @@ def _micro_batches(batch: Batch, m: int) -> Batch:
 
 
 def _reduce_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-micro-batch metrics → one value: sums stay sums, extrema stay extrema, the rest are means."""
+    """Per-micro-batch metrics → the whole batch's: extrema combine by min/max, `*_std` (per call) is
+    averaged, everything else is already divided by whole-batch counts (or is a count) and adds up."""
     out = {}
     for k, v in stacked.items():
         if k.endswith("_max"):
             out[k] = jnp.max(v)
         elif k.endswith("_min"):
             out[k] = jnp.min(v)
-        elif k.endswith("_sum") or k in ("tokens", "nonfinite"):
-            out[k] = jnp.sum(v)
-        else:
+        elif k.endswith("_std"):
             out[k] = jnp.mean(v)
+        else:
+            out[k] = jnp.sum(v)
     return out
 
 
