@@ -44,6 +44,7 @@ class StageManifest:
     name: str
     status: str = "running"  # running | done
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init_source: str | None = None  # "previous", "initial", "base" or a stage name (config.<stage>.init)
     init_checkpoint: str | None = None
     init_param_hash: str | None = None
     checkpoint: str | None = None
@@ -119,7 +120,8 @@ class RunContext:
     def corpus(self) -> list[str]:
         p = self.config.pretrain
         return synthetic.corpus(p.corpus_size, seed=self.config.seed, correct_fraction=p.correct_fraction,
-                                spec=self.task_spec, template=self.config.data.template)
+                                spec=self.task_spec, template=self.config.data.template,
+                                mix_fraction=p.get("mix_fraction", 0.0), mix_language=p.get("mix_language", "zh"))
 
     @property
     def tokenizer(self):
@@ -195,11 +197,13 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
             print(f"[r1jax] stage {name}: done already ({stage_dir / MANIFEST}), skipping", flush=True)
             manifests[name] = previous = manifest
             continue
-        model = ctx.initial_model() if previous is None else ctx.model_from(Path(previous.checkpoint))
+        source, init = _init_source(config, name, manifests, previous)
+        model = ctx.initial_model() if init is None else ctx.model_from(Path(init.checkpoint))
         init_hash = param_hash(nnx.state(model))
         if manifest is None:
             manifest = StageManifest(name=name, config=_stage_config(config, name), started=time.time())
-        manifest.init_checkpoint = previous.checkpoint if previous else (config.model.hf_path or "random-init")
+        manifest.init_source = source
+        manifest.init_checkpoint = init.checkpoint if init else (config.model.hf_path or "random-init")
         manifest.init_param_hash = init_hash
         manifest.write(stage_dir)
         print(f"[r1jax] stage {name}: starting from {manifest.init_checkpoint}", flush=True)
@@ -212,6 +216,25 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
         manifest.write(stage_dir)
         manifests[name] = previous = manifest
     return manifests
+
+
+def _init_source(config: ConfigDict, name: str, done: dict[str, StageManifest],
+                 previous: StageManifest | None) -> tuple[str, StageManifest | None]:
+    """Where stage `name` starts (`config.<name>.init`): "previous" (default), "initial" (the run's
+    initial model), "base" (the `pretrain` stage's output if the run has one, else the initial model,
+    as R1's rejection-sampling SFT retrains the base) or an earlier stage's name. None: initial."""
+    section = config.get(name)
+    source = section.get("init", "previous") if isinstance(section, ConfigDict) else "previous"
+    if source == "previous":
+        return source, previous
+    if source == "initial" or (source == "base" and "pretrain" not in done):
+        return source, None
+    stage = "pretrain" if source == "base" else source
+    if stage not in done:
+        raise ValueError(f"config.{name}.init={source!r}: no earlier stage {stage!r} in "
+                         f"config.stages={config.stages!r}; accepted: 'previous', 'initial', 'base' or an earlier "
+                         "stage's name")
+    return source, done[stage]
 
 
 def _stage_config(config: ConfigDict, name: str) -> dict[str, Any]:
