@@ -57,6 +57,9 @@ class Template:
 
 TEMPLATES: dict[str, Template] = {
     "r1_zero": Template("r1_zero", R1_ZERO_PROMPT, R1_ZERO_RESPONSE),
+    # R1-Zero's response format behind a one-line prompt: the base corpus of the embedded R1 demo,
+    # where the paper's ~150-token instruction would be most of a tiny model's compute.
+    "r1_zero_brief": Template("r1_zero_brief", "User: {question}. Assistant:", R1_ZERO_RESPONSE),
     # Cold-start / R1 stages on models without a chat template; the response is built by
     # `format_cold_start` so that the special token stays configurable.
     "r1": Template("r1", "User: {question}\nAssistant:", "{special} {reasoning} {special} {answer}"),
