@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
-# Delete the TPU VM / slice (checkpoints on gs:// are kept; local disks are lost).
+# Delete the TPU VM / slice. Its disks go with it: copy runs/ off first.
 source "$(dirname "$0")/common.sh"
 gcloud_tpu delete "$TPU_NAME" --quiet
