@@ -54,11 +54,13 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     from r1jax.pipeline import run_pipeline
     from r1jax.stages import STAGES
+    from r1jax.stages_distill import DISTILL_STAGES
+    from r1jax.stages_r1 import R1_STAGES
 
     config = FLAGS.config
     workdir = FLAGS.workdir or default_workdir(config)
     print(f"[r1jax] config {config.get('name')}: workdir {workdir}", flush=True)
-    manifests = run_pipeline(config, workdir, STAGES)
+    manifests = run_pipeline(config, workdir, {**STAGES, **R1_STAGES, **DISTILL_STAGES})
     for name, m in manifests.items():
         print(f"[r1jax] stage {name}: {m.status}, parameters {m.checkpoint}", flush=True)
 

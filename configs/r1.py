@@ -1,0 +1,115 @@
+"""DeepSeek-R1: base → cold-start SFT → reasoning RL → rejection sampling + SFT → RL for all scenarios.
+
+    python -m r1jax.train --config=r1 [--workdir runs/r1]
+
+Stages (r1jax.stages_r1; each starts from the previous stage's final checkpoint unless its `init`
+says otherwise; manifests, skip and resume as for every pipeline):
+
+0. `pretrain` — embedded default only: the tiny base model, next-token training on the synthetic
+   corpus, in which half the correct R1-Zero-style traces carry filler words of another script
+   (`pretrain.mix_fraction`): like R1-Zero, the base reasons in mixed languages, and mixing is
+   correlated with being right, so accuracy alone would keep it.
+1. `cold_start` — SFT on R1-format data (`|special_token| reasoning |special_token| summary`). Built
+   here from the base model's own R1-Zero-template samples (k per prompt) kept when correct, in
+   one language and readable (parsable, no long paragraph, no code block) and rewritten into R1's
+   format, topped up with the task's worked traces if fewer than `min_examples` pass (the count is
+   in the manifest); or read from `cold_start.data_path` (JSONL: question + completion, or
+   question + reasoning + summary; answer optional).
+2. `reasoning_rl` — GRPO, rewards accuracy + R1 format + language consistency (eq. 7), summed.
+3. `rejection_sft` — k samples per prompt from stage 2; correct ones kept; mixed-language CoTs,
+   long paragraphs and code blocks dropped; non-reasoning replies without CoT mixed in (R1: 600k
+   reasoning + 200k non-reasoning, so `general_fraction` = 0.25); SFT from the *base* (`init="base"`,
+   as R1 retrains DeepSeek-V3-Base; "previous" continues from stage 2 instead).
+4. `rl_all` — GRPO over reasoning and general prompts: rule rewards for reasoning prompts, the
+   preference rewards (`r1jax.rewards.preference`; rule-based proxies on the embedded default) for
+   general ones — helpfulness on the summary only, harmlessness on the whole response.
+
+Values: the embedded default is sized for ≤ 20 minutes on 2 CPU cores; the paper's values for a
+real model are in `configs/r1_qwen7b.py`. With a 1-minibatch, μ=1 GRPO step the ratio is exactly 1
+(π_old is the sampler's policy), so R1's ε = 10 is kept here as in the paper without effect.
+"""
+
+from ml_collections import ConfigDict
+
+
+def sft_section(**overrides) -> ConfigDict:
+    base = dict(steps=100, batch_size=32, learning_rate=5e-4, warmup_steps=10, schedule="cosine", weight_decay=0.0,
+                max_grad_norm=1.0, max_length=96, micro_batches=1, init="previous")
+    return ConfigDict({**base, **overrides})
+
+
+def filters(**overrides) -> ConfigDict:
+    """r1jax.data.filters.FilterConfig fields (target language: data.target_language)."""
+    base = dict(require_correct=True, require_format="r1", max_paragraph_chars=1000, drop_code_blocks=True,
+                max_chars=0)
+    return ConfigDict({**base, **overrides})
+
+
+def grpo_section(**overrides) -> ConfigDict:
+    base = dict(
+        steps=40, prompts_per_step=16, group_size=8, preset="grpo", beta=0.001, epsilon_low=10.0, epsilon_high=10.0,
+        kl_estimator="k3", num_iterations=1, num_minibatches=1, micro_batches=1, ref_update_every=400,
+        learning_rate=1e-4, warmup_steps=3, schedule="constant", weight_decay=0.0, max_grad_norm=1.0,
+        max_new_tokens=48, temperature=1.0, top_p=1.0, reward_workers=0, init="previous",
+    )
+    return ConfigDict({**base, **overrides})
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.name = "r1"
+    c.seed = 0
+    c.stages = "pretrain,cold_start,reasoning_rl,rejection_sft,rl_all"
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.model = ConfigDict(dict(
+        hf_path="", preset="", vocab_size=0,
+        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
+        max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=True,
+        dtype="float32", param_dtype="float32", remat="none",
+    ))
+    c.tokenizer = ConfigDict(dict(path="", vocab_size=384))
+    c.data = ConfigDict(dict(
+        train="synthetic", eval="synthetic", train_size=4000, eval_size=64, data_dir="",
+        # R1-Zero's think/answer format (with a one-line prompt): the base corpus and the samples
+        # behind the cold start
+        template="r1_zero_brief",
+        r1_template="r1",  # stages 1-4: "User: q\nAssistant:", answered in R1's special-token format
+        target_language="en",  # language consistency (reward and filters)
+        max_prompt_length=64,
+        min_steps=2, max_steps=3, max_operand=9, max_value=99,
+    ))
+    c.pretrain = ConfigDict(dict(
+        corpus_size=6000, correct_fraction=0.5, mix_fraction=0.5, mix_language="zh", steps=400, batch_size=32,
+        learning_rate=1e-3, warmup_steps=40, schedule="cosine", weight_decay=0.0, max_grad_norm=1.0,
+        max_length=96, micro_batches=1,
+    ))
+    c.cold_start = sft_section(
+        data_path="",  # a JSONL of cold-start examples; empty: built from the input model's samples
+        source_template="r1_zero_brief", prompts=384, samples_per_prompt=4, per_prompt=1, min_examples=256,
+        top_up_with_traces=True, max_new_tokens=48, temperature=1.0,
+        filters=filters(require_format="r1"),
+        steps=80,
+    )
+    c.reasoning_rl = grpo_section(
+        steps=30, rewards=ConfigDict({"accuracy": 1.0, "r1_format": 1.0, "language": 1.0}),
+    )
+    c.rejection_sft = sft_section(
+        init="base",  # R1 retrains the base model on the rejection-sampled data; "previous" continues
+        sample_from="previous",  # the model that samples: the stage before (reasoning_rl) or a stage name
+        prompts=384, samples_per_prompt=4, per_prompt=2, max_new_tokens=48, temperature=1.0,
+        filters=filters(), general_fraction=0.25,
+        min_examples=0, top_up_with_traces=False,  # tiny test runs only: worked traces if too few samples pass
+        steps=150,
+    )
+    c.rl_all = grpo_section(
+        steps=20, temperature=0.7,  # R1's second RL stage samples at 0.7
+        general_fraction=0.25,
+        rewards=ConfigDict({"accuracy": 1.0, "r1_format": 1.0, "language": 1.0}),  # reasoning prompts
+        preference=ConfigDict(dict(helpfulness=1.0, helpfulness_model="helpfulness_proxy",  # general prompts
+                                   harmlessness=1.0, harmlessness_model="harmlessness_proxy")),
+    )
+    # R1's evaluation protocol: k samples per problem at temperature 0.6, top-p 0.95.
+    c.eval = ConfigDict(dict(every=0, k=4, temperature=0.6, top_p=0.95, max_new_tokens=48, general_size=16,
+                             general_k=2, batch=64))
+    c.checkpoint = ConfigDict(dict(every=20, keep=2))
+    return c

@@ -1,0 +1,181 @@
+"""Distillation (R1, section 2.4) and its control, as pipeline stages (`DISTILL_STAGES`).
+
+* `distill` — a teacher (an R1 run's final checkpoint, an Orbax checkpoint with its model config, or
+  an HF folder) samples k traces per train prompt, or a traces JSONL is read; the traces are
+  filtered exactly like R1's rejection sampling (correct, one language, no long paragraphs or code
+  blocks, `r1jax.data.filters`), optionally mixed with non-reasoning data, and the student (this
+  run's model, e.g. the `pretrain` stage's small base) is trained on them by SFT only, as R1 does
+  for its distilled models; then the student is evaluated on held-out prompts.
+* `student_rl` — the control of R1's "distillation vs RL" comparison: the *same* student base
+  trained by GRPO alone (R1-Zero template, accuracy + format rewards) for the same wall-clock time
+  the `distill` stage took (teacher sampling + SFT; evaluation excluded on both sides).
+
+The wall-clock budget is met by measuring: a few calibration steps, then as many more as the
+measured step time fits in the remaining budget (`run_loop` resumes from the calibration's final
+checkpoint, so the RL run is one run on disk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from r1jax.data.filters import filter_samples
+from r1jax.metrics import read_jsonl as read_metrics
+from r1jax.pipeline import RunContext, StageManifest
+from r1jax.rewards import combine, get_reward
+from r1jax.stages_r1 import (
+    DATA_FILE,
+    GRPORun,
+    check_examples,
+    filter_config,
+    finish,
+    general_examples,
+    read_jsonl,
+    reasoning_records,
+    reasoning_reward_name,
+    sample_graded,
+    sampling_config,
+    top_up,
+    train_sft,
+    write_jsonl_atomic,
+)
+
+
+def teacher(ctx: RunContext) -> tuple[nnx.Module, Any, str]:
+    """(teacher model, its tokenizer, where it came from) from `config.distill.teacher`."""
+    from r1jax.data.tokenizer import SentencePieceTokenizer, load_hf_tokenizer
+    from r1jax.model import load_hf
+
+    t, c = ctx.config.distill.teacher, ctx.config
+    if t.hf_path:
+        model = load_hf(t.hf_path, mesh=ctx.mesh, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+        return model, load_hf_tokenizer(t.tokenizer_path or t.hf_path), t.hf_path
+    checkpoint = Path(t.checkpoint) if t.checkpoint else None
+    if checkpoint is None:
+        manifest = StageManifest.read(Path(t.workdir) / t.stage)
+        if manifest is None or manifest.status != "done":
+            raise ValueError(
+                f"distill.teacher: no finished stage {t.stage!r} under {t.workdir!r}; run "
+                f"`python -m r1jax.train --config=r1 --workdir {t.workdir}` first, or set "
+                "--config.distill.teacher.checkpoint (Orbax params) or --config.distill.teacher.hf_path")
+        checkpoint = Path(manifest.checkpoint)
+    # The teacher's model config and tokenizer: this run's config with the teacher's model section.
+    teacher_config = ConfigDict(c.to_dict())
+    teacher_config.model = ConfigDict(t.model.to_dict())
+    if t.tokenizer_path:
+        tok = load_hf_tokenizer(t.tokenizer_path)
+    elif (Path(t.workdir) / "tokenizer" / "spm.model").exists():
+        tok = SentencePieceTokenizer(Path(t.workdir) / "tokenizer" / "spm.model")
+    else:  # the embedded default trains one tokenizer per corpus: the teacher's is this run's
+        tok = ctx.tokenizer
+    if not teacher_config.model.vocab_size and not teacher_config.model.preset:
+        teacher_config.model.vocab_size = tok.vocab_size
+    return RunContext(teacher_config, Path(t.workdir)).model_from(checkpoint), tok, str(checkpoint)
+
+
+def distill_examples(ctx: RunContext, section, stage_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    c = ctx.config
+    fcfg = filter_config(section, c)
+    if section.traces_path:
+        rows = read_jsonl(Path(section.traces_path))
+        gold = {r["question"]: r for r in reasoning_records(ctx, "train")}
+        grade = get_reward(reasoning_reward_name(ctx))
+        samples = []
+        for i, row in enumerate(rows):
+            if "question" not in row or "completion" not in row:
+                raise ValueError(f"{section.traces_path}:{i + 1}: need 'question' and 'completion'; got {sorted(row)}")
+            record = {**gold.get(row["question"], {}), **row}
+            fields = {k: [v] for k, v in record.items() if k not in ("question", "completion")}
+            score = grade([row["question"]], [row["completion"]], **fields)[0] if record.get("answer") else None
+            samples.append({"question": row["question"], "completion": row["completion"],
+                            "correct": None if score is None else score > 0.5})
+        if any(s["correct"] is None for s in samples):
+            fcfg = dataclasses.replace(fcfg, require_correct=False)
+        source = section.traces_path
+    else:
+        model, tok, source = teacher(ctx)
+        graphdef, params = nnx.split(model)
+        records = reasoning_records(ctx, "train")[: section.prompts]
+        samples = sample_graded(ctx, graphdef, params, records, template=section.teacher_template,
+                                k=section.samples_per_prompt, sampling=sampling_config(section, tok),
+                                key=jax.random.key(c.seed + 44), tokenizer=tok)
+        del model, graphdef, params
+    kept, counts = filter_samples(samples, fcfg, per_prompt=section.per_prompt)
+    metrics = {"data/teacher": source, **{f"data/{k}": v for k, v in counts.items()}}
+    if samples and samples[0]["correct"] is not None:
+        metrics["data/teacher_sample_accuracy"] = float(np.mean([bool(s["correct"]) for s in samples]))
+    kept += top_up(ctx, kept, section, metrics)
+    check_examples(stage_dir, kept, metrics)
+    n_general = int(round(len(kept) * section.general_fraction / max(1e-9, 1 - section.general_fraction)))
+    extra = general_examples(ctx, n_general) if n_general else []
+    metrics["data/general"] = len(extra)
+    return [{**k, "kind": "reasoning"} for k in kept] + extra, metrics
+
+
+def distill(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
+    c, s = ctx.config, ctx.config.distill
+    t0 = time.time()
+    data_file = stage_dir / DATA_FILE
+    if data_file.exists():
+        examples = read_jsonl(data_file)
+        metrics = json.loads((stage_dir / "data_stats.json").read_text())
+    else:
+        examples, metrics = distill_examples(ctx, s, stage_dir)
+        metrics["time/data_s"] = time.time() - t0
+        (stage_dir / "data_stats.json").write_text(json.dumps(metrics, indent=1))
+        write_jsonl_atomic(data_file, examples)
+    metrics["data/examples"] = len(examples)
+    print(f"[r1jax] distill: {len(examples)} SFT examples from {metrics['data/teacher']}", flush=True)
+    t_sft = time.time()
+    trainer, history = train_sft(ctx, model, stage_dir, s, examples, c.data.r1_template)
+    # The budget the RL control gets: building the data (teacher sampling) plus SFT. A resumed stage
+    # counts the data time of the attempt that built it and its own SFT time only (an underestimate).
+    metrics["time/budget_s"] = metrics.get("time/data_s", 0.0) + time.time() - t_sft
+    return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=c.data.r1_template,
+                                 metrics=metrics, history=history, t0=t0)
+
+
+def student_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
+    s = ctx.config.student_rl
+    t0 = time.time()
+    budget = float(s.budget_s)
+    if s.budget_from:
+        manifest = StageManifest.read(ctx.workdir / s.budget_from)
+        if manifest is None or "time/budget_s" not in manifest.metrics:
+            raise ValueError(f"student_rl.budget_from={s.budget_from!r}: that stage has not finished in {ctx.workdir}")
+        budget = float(manifest.metrics["time/budget_s"])
+    reward = combine({name: (name, float(w)) for name, w in s.rewards.items() if float(w)})
+    run = GRPORun(ctx, model, stage_dir, s, reasoning_records(ctx, "train"), reward, s.template)
+    try:
+        # Calibrate: a few steps (compilation included, as it is in the budget), then fill the rest.
+        calib = min(s.calibration_steps, s.steps)
+        history = run.run(calib)
+        rows = history or read_metrics(stage_dir / "metrics.jsonl")  # a resumed stage: the first attempt's
+        times = [h["time/step"] for h in rows if "time/step" in h]
+        times = times[1:] or times  # the first step compiles
+        step_s = float(np.median(times)) if times else float("inf")
+        spare = budget - (time.time() - t0)
+        total = min(s.steps, calib + (max(0, int(spare / step_s)) if np.isfinite(step_s) else 0))
+        if total > run.trainer.step_count:
+            history = history + run.run(total)
+        total = run.trainer.step_count
+    finally:
+        run.close()
+    trainer = run.trainer
+    metrics = {"rl/budget_s": budget, "rl/steps": total, "rl/step_s": step_s, "rl/wall_s": time.time() - t0}
+    print(f"[r1jax] student_rl: {total} GRPO steps in {metrics['rl/wall_s']:.0f} s (budget {budget:.0f} s)",
+          flush=True)
+    return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=s.template,
+                                 metrics=metrics, history=history, t0=t0)
+
+
+DISTILL_STAGES = {"distill": distill, "student_rl": student_rl}
