@@ -1,0 +1,368 @@
+"""The sampler: prefill, KV-cache decode in one `lax.while_loop`, sampling filters, exact log-probs.
+
+Letters: P distinct prompts, G samples per prompt, B = P·G rows, L prompt slots (a bucket), N
+max new tokens, V vocab.
+
+Design choices:
+* Each distinct prompt is prefilled once; its KV cache and its last-position logits are then
+  repeated to its G rows (row `p·G + j` is sample j of prompt p). Prompts are right-padded to L
+  slots (`valid` marks real tokens); decode step i writes slot L + i at RoPE position
+  `length[p] + i`, so rows of different lengths decode together without shifting.
+* Shapes are static and bucketed: `sample_groups` pads the prompt length and the prompt count up
+  to powers of two, so a new batch of prompts reuses a compiled program (`trace_count()` counts
+  compilations). The decode loop exits early once every row has produced a stop token.
+* Two log-probs per sampled token (fp32):
+  - `logprobs`: under the distribution actually sampled from — logits / temperature, then top-k,
+    then top-p (nucleus), then stop tokens banned before `min_new_tokens`, renormalised. Use it for
+    importance-sampling corrections (sampler ≠ trainer distribution). Greedy: 0 (a point mass).
+  - `policy_logprobs`: `log_softmax(logits / temperature)` without filters. **Temperature
+    convention** (as in DeepSeek-R1 / TRL): the trainer scores completions with its logits divided
+    by the sampling temperature, i.e. `r1jax.grpo.token_logprobs(logits, tokens, temperature=T)`
+    on a full forward pass; `policy_logprobs` equals exactly that. With T = 1 (R1's setting) it is
+    the plain policy log-prob. For greedy decoding the configured temperature still applies.
+* Runs under the training mesh with the training parameter arrays (no copy): rows are
+  constrained to the `batch` logical axis, heads follow the model's own constraints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from r1jax.model import KVCache, init_cache
+from r1jax.sharding import constrain
+
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are drawn.
+
+    max_new_tokens: N, the completion length bound (also the output width).
+    temperature: logits are divided by it (> 0). Also sets `policy_logprobs` (module docstring).
+    top_k: keep the k most likely tokens (0 = off). Ties with the k-th logit are kept, as in HF.
+    top_p: keep the smallest most-likely set whose probability reaches top_p (1.0 = off).
+    greedy: argmax instead of sampling (filters then only matter through the min_new_tokens ban).
+    eos_ids: token ids that end a completion (EOS and any extra stop ids); the stop token is part
+      of the completion (mask True, counted in `lengths`).
+    min_new_tokens: stop ids are banned (probability 0) before this many tokens; with
+      min_new_tokens ≥ max_new_tokens every row runs full length.
+    pad_id: written after a completion's end.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.eos_ids, int):
+            object.__setattr__(self, "eos_ids", (self.eos_ids,))
+        object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens!r} must be an int ≥ 1")
+        if not (isinstance(self.temperature, int | float) and self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"sampling.temperature={self.temperature!r} must be a finite number > 0 "
+                             "(use greedy=True for argmax decoding)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"sampling.top_k={self.top_k!r} must be an int ≥ 0 (0 disables top-k)")
+        if not (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"sampling.top_p={self.top_p!r} must be in (0, 1] (1.0 disables top-p)")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise ValueError(f"sampling.min_new_tokens={self.min_new_tokens!r} must be an int ≥ 0")
+        if any(e < 0 for e in self.eos_ids):
+            raise ValueError(f"sampling.eos_ids={self.eos_ids!r} must be non-negative token ids")
+        if not isinstance(self.pad_id, int) or self.pad_id < 0:
+            raise ValueError(f"sampling.pad_id={self.pad_id!r} must be a non-negative token id")
+
+    def replace(self, **changes) -> SamplingConfig:
+        return dataclasses.replace(self, **changes)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.top_k > vocab_size:
+            raise ValueError(f"sampling.top_k={self.top_k} exceeds the vocabulary size {vocab_size}")
+        bad = [e for e in (*self.eos_ids, self.pad_id) if e >= vocab_size]
+        if bad:
+            raise ValueError(f"sampling.eos_ids={self.eos_ids}/pad_id={self.pad_id}: ids {bad} are outside the "
+                             f"vocabulary [0, {vocab_size})")
+
+
+class SampleOutput(NamedTuple):
+    """B = P·G rows, prompt-major (row p·G + j is sample j of prompt p)."""
+
+    tokens: jax.Array  # [B, N] int32, pad_id after the end
+    mask: jax.Array  # [B, N] bool, True on completion tokens (including the stop token)
+    lengths: jax.Array  # [B] int32, completion lengths (= mask.sum(1))
+    truncated: jax.Array  # [B] bool, reached max_new_tokens without a stop token
+    logprobs: jax.Array  # [B, N] fp32, under the sampled (tempered, filtered) distribution; 0 on padding
+    policy_logprobs: jax.Array  # [B, N] fp32, log_softmax(logits / temperature), unfiltered; 0 on padding
+    prompt_tokens: jax.Array  # [B, L] int32, right-padded with pad_id
+    prompt_mask: jax.Array  # [B, L] bool
+    steps: jax.Array  # int32 scalar: token columns sampled (< N when every row stopped early)
+
+
+# ------------------------------------------------------------------------------------ sampling filters
+
+
+def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Tempered logits with top-k then top-p applied (removed tokens at -inf). [..., V] fp32."""
+    x = logits.astype(jnp.float32)
+    if config.temperature != 1.0:
+        x = x / config.temperature
+    return _top_k_top_p(x, config)
+
+
+def _top_k_top_p(x: jax.Array, config: SamplingConfig) -> jax.Array:
+    if config.top_k:
+        kth = jax.lax.top_k(x, config.top_k)[0][..., -1:]
+        x = jnp.where(x < kth, _NEG_INF, x)
+    if config.top_p < 1.0:
+        # Keep a token iff the mass strictly more likely than it is < top_p (always keeps the top one).
+        sorted_desc = -jnp.sort(-x, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = mass_before < config.top_p
+        threshold = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < threshold, _NEG_INF, x)
+    return x
+
+
+def _ban(x: jax.Array, ids: tuple[int, ...], when: jax.Array | bool) -> jax.Array:
+    banned = jnp.zeros(x.shape[-1], bool).at[jnp.asarray(ids)].set(True)
+    return jnp.where(banned & when, _NEG_INF, x)
+
+
+def sample_logits(
+    logits: jax.Array, key: jax.Array, config: SamplingConfig, step: jax.Array | int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draw one token per row from [B, V] logits: (tokens [B] int32, logprobs [B], policy_logprobs [B]).
+
+    `step` (0-based index of the token being drawn) decides the min_new_tokens ban of stop ids.
+    """
+    logits = logits.astype(jnp.float32)
+    policy = logits / config.temperature if config.temperature != 1.0 else logits
+    policy_lse = jax.nn.logsumexp(policy, axis=-1)
+    filtered = _top_k_top_p(policy, config)
+    if config.eos_ids and config.min_new_tokens >= config.max_new_tokens:
+        filtered = _ban(filtered, config.eos_ids, True)
+    elif config.eos_ids and config.min_new_tokens > 0:
+        filtered = _ban(filtered, config.eos_ids, jnp.asarray(step) < config.min_new_tokens)
+    unfiltered = filtered is policy
+    if config.greedy:
+        tokens = jnp.argmax(filtered, axis=-1).astype(jnp.int32)
+    else:
+        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    picked_policy = jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
+    policy_logprobs = picked_policy - policy_lse
+    if config.greedy:
+        logprobs = jnp.zeros_like(policy_logprobs)
+    elif unfiltered:  # the fast path of the benchmark workload: one log-softmax serves both
+        logprobs = policy_logprobs
+    else:
+        picked = jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0]
+        logprobs = picked - jax.nn.logsumexp(filtered, axis=-1)
+    return tokens, logprobs, policy_logprobs
+
+
+# ------------------------------------------------------------------------------------ generation
+
+_trace_count = 0
+
+
+def trace_count() -> int:
+    """How many times the generation program has been traced (≈ compiled) in this process."""
+    return _trace_count
+
+
+def _repeat_rows(x: jax.Array, g: int) -> jax.Array:
+    return x if g == 1 else jnp.repeat(x, g, axis=0)
+
+
+def _grow_cache(cache: KVCache, group_size: int, extra: int) -> KVCache:
+    """Repeat each prompt's cache to its G rows and append `extra` empty slots."""
+
+    def grow(a, axis, axes):
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, extra)
+        return constrain(jnp.pad(_repeat_rows(a, group_size), pad), axes)
+
+    keys = tuple(grow(a, 3, ("batch", "kv_heads", "head_dim", "cache_seq")) for a in cache.k)  # [B, g, k, S]
+    values = tuple(grow(a, 2, ("batch", "kv_heads", "cache_seq", "head_dim")) for a in cache.v)  # [B, g, S, k]
+    valid = jnp.pad(_repeat_rows(cache.valid, group_size), ((0, 0), (0, extra)))
+    return KVCache(keys, values, valid, cache.index)
+
+
+def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: SamplingConfig, group_size: int):
+    global _trace_count
+    _trace_count += 1
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    n_new, g = config.max_new_tokens, group_size
+    n_prompts, slots = prompt_tokens.shape
+    b = n_prompts * g
+    prompt_tokens = constrain(prompt_tokens.astype(jnp.int32), ("batch", "seq"))
+    prompt_lengths = prompt_lengths.astype(jnp.int32)
+    prompt_mask = jnp.arange(slots)[None, :] < prompt_lengths[:, None]  # [P, L]
+
+    with jax.named_scope("prefill"):
+        positions = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), prompt_tokens.shape)
+        cache = init_cache(cfg, n_prompts, slots)
+        h, cache = model.hidden_states(prompt_tokens, positions, prompt_mask, cache)
+        last = jnp.maximum(prompt_lengths - 1, 0)[:, None, None]
+        h_last = jnp.take_along_axis(h, last, axis=1)  # [P, 1, D]
+        logits = _repeat_rows(model.logits(h_last)[:, 0], g)  # [B, V]
+        cache = _grow_cache(cache, g, n_new)
+
+    lengths0 = _repeat_rows(prompt_lengths, g)  # [B]
+    stop_ids = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
+
+    def is_stop(tokens):
+        if not config.eos_ids:
+            return jnp.zeros(tokens.shape, bool)
+        return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
+
+    def draw(logits, step, done, out):
+        tokens, logp, plogp = sample_logits(logits, jax.random.fold_in(key, step), config, step)
+        tokens = jnp.where(done, config.pad_id, tokens)
+        logp = jnp.where(done, 0.0, logp)
+        plogp = jnp.where(done, 0.0, plogp)
+        toks_out, logp_out, plogp_out = out  # [N, B] each: one contiguous row per step
+        out = (jax.lax.dynamic_update_index_in_dim(toks_out, tokens, step, 0),
+               jax.lax.dynamic_update_index_in_dim(logp_out, logp, step, 0),
+               jax.lax.dynamic_update_index_in_dim(plogp_out, plogp, step, 0))
+        return tokens, done | is_stop(tokens), ~done, out
+
+    out0 = (jnp.full((n_new, b), config.pad_id, jnp.int32), jnp.zeros((n_new, b), jnp.float32),
+            jnp.zeros((n_new, b), jnp.float32))
+    out0 = tuple(constrain(o, (None, "batch")) for o in out0)
+
+    def cond(carry):
+        step, _, _, done, _, _ = carry
+        return (step < n_new) & ~jnp.all(done)
+
+    def body(carry):
+        # Draw token `step` from the carried logits, then run it through the model for the next
+        # logits. The forward after the last draw is wasted (1 of N); in exchange the program holds
+        # one copy of the sampling code and one loop.
+        step, cache, logits, done, n_tokens, out = carry
+        with jax.named_scope("sample"):
+            tokens, done_next, counted, out = draw(logits, step, done, out)
+        with jax.named_scope("decode"):
+            positions = (lengths0 + step)[:, None]
+            h, cache = model.hidden_states(tokens[:, None], positions, None, cache)
+            logits = model.logits(h)[:, 0]
+        return step + 1, cache, logits, done_next, n_tokens + counted.astype(jnp.int32), out
+
+    # Rows of length 0 are batch padding: ended before they start, so they never delay the exit.
+    done0 = _repeat_rows(prompt_lengths == 0, g)
+    carry = (jnp.int32(0), cache, logits, done0, jnp.zeros(b, jnp.int32), out0)
+    steps, _, _, done, n_tokens, (toks, logp, plogp) = jax.lax.while_loop(cond, body, carry)
+    return SampleOutput(
+        tokens=toks.T, mask=jnp.arange(n_new)[None, :] < n_tokens[:, None], lengths=n_tokens, truncated=~done,
+        logprobs=logp.T, policy_logprobs=plogp.T,
+        prompt_tokens=_repeat_rows(jnp.where(prompt_mask, prompt_tokens, config.pad_id), g),
+        prompt_mask=_repeat_rows(prompt_mask, g), steps=steps,
+    )
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "config", "group_size"))
+
+
+def generate(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    key: jax.Array,
+    config: SamplingConfig,
+    group_size: int = 1,
+) -> SampleOutput:
+    """Sample `group_size` completions for each of P right-padded prompts, at exactly these shapes.
+
+    prompt_tokens [P, L] int (right-padded), prompt_lengths [P] int in [0, L]; a row of length 0
+    is batch padding (all pad, never delays the early exit). Compiles once per
+    (P, L, config, group_size); `sample_groups` buckets the shapes. Call it under
+    `jax.set_mesh(mesh)` to run sharded on the mesh the parameters live on.
+    """
+    cfg = graphdef_config(graphdef, state)
+    config.check_vocab(cfg.vocab_size)
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be an int ≥ 1")
+    if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
+        raise ValueError(f"prompt_tokens {prompt_tokens.shape} must be [P, L] and prompt_lengths "
+                         f"{prompt_lengths.shape} [P]")
+    if prompt_tokens.shape[1] + config.max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt slots {prompt_tokens.shape[1]} + sampling.max_new_tokens={config.max_new_tokens} "
+                         f"exceed model.max_position_embeddings={cfg.max_position_embeddings}")
+    return _generate_jit(graphdef, state, prompt_tokens, prompt_lengths, key, config=config, group_size=group_size)
+
+
+def graphdef_config(graphdef: nnx.GraphDef, state: nnx.State):
+    """The ModelConfig of a split model, without touching the parameter arrays."""
+    return nnx.merge(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)).cfg
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The static size used for n: the next power of two, at least `minimum`."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0, min_length: int = 16, min_batch: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists to a bucketed [P', L] array; rows beyond P have length 0 (padding)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    slots, rows = bucket(int(lengths.max()), min_length), bucket(len(prompts), min_batch)
+    tokens = np.full((rows, slots), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, np.concatenate([lengths, np.zeros(rows - len(prompts), np.int32)])
+
+
+def sample_groups(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompts: Sequence[Sequence[int]] | tuple[np.ndarray, np.ndarray],
+    group_size: int,
+    key: jax.Array,
+    config: SamplingConfig,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    min_prompt_length: int = 16,
+) -> SampleOutput:
+    """G completions per prompt, with bucketed shapes (prompt length and count up to powers of two).
+
+    prompts: token-id lists, or (tokens [P, L] right-padded, lengths [P]). The output has P·G rows
+    (padding rows removed), prompt-major. `mesh`: run sharded there (rows over the `batch` axis);
+    the parameters stay where they are.
+    """
+    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+        tokens, lengths = np.asarray(prompts[0]), np.asarray(prompts[1])
+        if lengths.min(initial=1) < 1 or lengths.max(initial=0) > tokens.shape[1]:
+            raise ValueError(f"prompt lengths must lie in [1, {tokens.shape[1]}]: got {lengths.tolist()}")
+        prompts = [row[:n].tolist() for row, n in zip(tokens, lengths, strict=True)]
+    n_prompts = len(prompts)
+    tokens, lengths = pad_prompts(prompts, config.pad_id, min_prompt_length)
+    if mesh is None:
+        out = generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key, config, group_size)
+    else:
+        with jax.set_mesh(mesh):
+            out = generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key, config, group_size)
+    if tokens.shape[0] == n_prompts:
+        return out
+    rows = n_prompts * group_size
+    return out._replace(**{f: getattr(out, f)[:rows] for f in SampleOutput._fields if f != "steps"})

@@ -1,0 +1,341 @@
+"""The sampler against independent references: full forward passes (no cache), float64 NumPy filters.
+
+A tiny random Qwen2 (2 layers, GQA 4/2, vocab 128) keeps every test fast; references never reuse
+the sampler's code paths: completions are re-scored by full forwards over compact (unpadded)
+[prompt + completion] rows, and the filtered distributions are rebuilt in float64 NumPy.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from r1jax import sampling
+from r1jax.grpo import token_logprobs
+from r1jax.model import abstract_model, get_preset, state_shardings
+from r1jax.sampling import SampleOutput, SamplingConfig, sample_groups, sample_logits
+from r1jax.sharding import make_mesh
+
+CFG = get_preset("tiny-qwen2")
+PROMPTS = [[1, 17, 33, 5, 90], [1, 44, 8, 61, 23, 70, 12, 9, 101, 3, 52], [1, 77, 2]]  # lengths 5, 11, 3
+N = 12
+REF_WIDTH = 32  # ≥ longest prompt + N
+GREEDY = SamplingConfig(max_new_tokens=N, greedy=True)
+FILTERED = SamplingConfig(max_new_tokens=N, temperature=0.7, top_k=20, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def split_model():
+    """(graphdef, state) with every parameter random, biases and norm scales included.
+
+    Filled from NumPy into the abstract state: much faster than compiling the model's initialiser.
+    """
+    graphdef, abstract = abstract_model(CFG)
+    rng = np.random.default_rng(0)
+
+    def fill(path, x):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            value = 1.0 + 0.1 * rng.standard_normal(x.shape)
+        elif "bias" in name:
+            value = 0.1 * rng.standard_normal(x.shape)
+        else:
+            value = rng.standard_normal(x.shape) / np.sqrt(x.shape[0])
+        return jnp.asarray(value, x.dtype)
+
+    return graphdef, jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@pytest.fixture(scope="module")
+def full_logits(split_model):
+    """logits [B, T, V] of a full forward pass (no cache) over right-padded rows."""
+    graphdef, state = split_model
+    fn = jax.jit(lambda tokens, valid: nnx.merge(graphdef, state)(tokens, valid=valid))
+    return lambda tokens, valid: np.asarray(fn(jnp.asarray(tokens), jnp.asarray(valid)), np.float64)
+
+
+def rescore(full_logits, prompts, out: SampleOutput, group_size: int):
+    """Logits [B, N, V] predicting each completion token, from compact [prompt + completion] rows."""
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    rows = [list(prompts[i // group_size]) + tokens[i, mask[i]].tolist() for i in range(len(tokens))]
+    width = REF_WIDTH  # one shape, so the reference forward compiles once
+    padded = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        padded[i, : len(r)] = r
+    logits = full_logits(padded, np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None])
+    n = tokens.shape[1]
+    out_logits = np.zeros((len(rows), n, CFG.vocab_size))
+    for i in range(len(rows)):
+        start = len(prompts[i // group_size]) - 1
+        k = int(mask[i].sum())
+        out_logits[i, :k] = logits[i, start: start + k]
+    return out_logits
+
+
+def log_softmax64(x):
+    x = np.asarray(x, np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def reference_filtered_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """float64 NumPy: softmax(logits / T), keep the top-k, then the smallest set with mass ≥ top_p, renormalise."""
+    logits = np.asarray(logits, np.float64)
+    probs = np.exp(log_softmax64(logits / temperature))
+    keep = np.ones_like(probs, bool)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    if top_k:
+        keep = np.zeros_like(keep)
+        np.put_along_axis(keep, order[..., :top_k], True, axis=-1)
+    probs = np.where(keep, probs, 0.0)
+    probs /= probs.sum(-1, keepdims=True)
+    if top_p < 1.0:
+        sorted_p = np.take_along_axis(probs, order, axis=-1)
+        mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p
+        kept_sorted = mass_before < top_p
+        keep_p = np.zeros_like(keep)
+        np.put_along_axis(keep_p, order, kept_sorted, axis=-1)
+        probs = np.where(keep_p, probs, 0.0)
+        probs /= probs.sum(-1, keepdims=True)
+    return probs
+
+
+def greedy_reference(full_logits, prompts, n, eos_ids=()):
+    """Step-by-step argmax of full forward passes: every step re-runs the whole sequence."""
+    rows = [list(p) for p in prompts]
+    done = [False] * len(rows)
+    width = REF_WIDTH
+    out = [[] for _ in rows]
+    for _ in range(n):
+        padded = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            padded[i, : len(r)] = r
+        lengths = np.array([len(r) for r in rows])
+        logits = full_logits(padded, np.arange(width)[None, :] < lengths[:, None])
+        for i in range(len(rows)):
+            if not done[i]:
+                tok = int(np.argmax(logits[i, lengths[i] - 1]))
+                rows[i].append(tok)
+                out[i].append(tok)
+                done[i] = tok in eos_ids
+    return out
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_new_tokens", 0), ("temperature", 0.0), ("temperature", float("nan")), ("top_k", -1),
+    ("top_p", 0.0), ("top_p", 1.5), ("min_new_tokens", -2), ("eos_ids", (-1,)), ("pad_id", -1),
+])
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"sampling.{field}"):
+        SamplingConfig(**{field: value})
+
+
+def test_config_checks_ids_against_the_vocabulary(split_model):
+    graphdef, state = split_model
+    with pytest.raises(ValueError, match="top_k=500"):
+        sample_groups(graphdef, state, PROMPTS, 1, jax.random.key(0), SamplingConfig(max_new_tokens=2, top_k=500))
+    with pytest.raises(ValueError, match="eos_ids"):
+        sample_groups(graphdef, state, PROMPTS, 1, jax.random.key(0), SamplingConfig(max_new_tokens=2, eos_ids=(128,)))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        sample_groups(graphdef, state, PROMPTS, 1, jax.random.key(0), SamplingConfig(max_new_tokens=250))
+
+
+def test_bucketed_padding():
+    assert [sampling.bucket(n) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+    tokens, lengths = sampling.pad_prompts(PROMPTS, pad_id=0, min_length=8, min_batch=1)
+    assert tokens.shape == (4, 16) and lengths.tolist() == [5, 11, 3, 0]
+    assert tokens[1, :11].tolist() == PROMPTS[1] and not tokens[1, 11:].any() and not tokens[3].any()
+
+
+# ------------------------------------------------------------------------------------ exactness
+
+
+def test_greedy_through_the_cache_equals_argmax_of_full_forwards(split_model, full_logits):
+    graphdef, state = split_model
+    out = sample_groups(graphdef, state, PROMPTS, 2, jax.random.key(0), GREEDY)
+    ref = greedy_reference(full_logits, PROMPTS, N)
+    tokens = np.asarray(out.tokens)
+    assert tokens.shape == (6, N)
+    for i in range(6):
+        assert tokens[i].tolist() == ref[i // 2], f"row {i} (prompt {i // 2})"
+    assert np.all(out.mask) and np.all(out.truncated) and np.all(np.asarray(out.lengths) == N)
+    assert np.all(np.asarray(out.logprobs) == 0.0)  # greedy samples from a point mass
+    # The prompts come back as the trainer needs them: right-padded, with a mask, per completion row.
+    assert np.asarray(out.prompt_tokens)[3, :11].tolist() == PROMPTS[1]
+    assert np.asarray(out.prompt_mask).sum(1).tolist() == [5, 5, 11, 11, 3, 3]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 20, 0.9), (1.0, 0, 1.0)])
+def test_logprobs_equal_a_full_forward_recompute(split_model, full_logits, temperature, top_k, top_p):
+    graphdef, state = split_model
+    config = SamplingConfig(max_new_tokens=N, temperature=temperature, top_k=top_k, top_p=top_p)
+    out = sample_groups(graphdef, state, PROMPTS, 3, jax.random.key(1), config)
+    logits = rescore(full_logits, PROMPTS, out, 3)
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    assert mask.all()
+    # policy_logprobs: log_softmax(logits / T), unfiltered — what the trainer recomputes (grpo.token_logprobs).
+    policy = np.take_along_axis(log_softmax64(logits / temperature), tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out.policy_logprobs, policy, atol=1e-5, rtol=0)
+    trainer = token_logprobs(jnp.asarray(logits, jnp.float32), jnp.asarray(tokens), jnp.asarray(mask),
+                             temperature=temperature)
+    np.testing.assert_allclose(out.policy_logprobs, trainer, atol=1e-5, rtol=0)
+    # logprobs: under the tempered, filtered, renormalised distribution the tokens were drawn from.
+    probs = reference_filtered_probs(logits, temperature, top_k, top_p)
+    picked = np.take_along_axis(probs, tokens[..., None], -1)[..., 0]
+    assert np.all(picked > 0), "a token outside the filtered set was sampled"
+    np.testing.assert_allclose(out.logprobs, np.log(picked), atol=1e-5, rtol=0)
+    if top_k or top_p < 1.0:
+        assert np.all(np.asarray(out.logprobs) >= np.asarray(out.policy_logprobs) - 1e-6)
+    else:
+        np.testing.assert_array_equal(out.logprobs, out.policy_logprobs)
+    # The G samples of one prompt share its prefill but are drawn independently.
+    assert not np.array_equal(tokens[0], tokens[1])
+
+
+def test_same_key_same_output_other_key_other_output(split_model):
+    graphdef, state = split_model
+    config = FILTERED
+    a = sample_groups(graphdef, state, PROMPTS, 3, jax.random.key(1), config)
+    b = sample_groups(graphdef, state, PROMPTS, 3, jax.random.key(1), config)
+    c = sample_groups(graphdef, state, PROMPTS, 3, jax.random.key(2), config)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+# ------------------------------------------------------------------------------------ filters
+
+
+FILTER_PROBS = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05, 0.03, 0.015, 0.005])
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 6, 0.7), (0.5, 0, 0.8), (1.5, 4, 1.0)])
+def test_filtered_sampling_frequencies_match_the_renormalised_distribution(temperature, top_k, top_p):
+    draws = 40_000
+    logits = np.log(FILTER_PROBS)[np.random.default_rng(0).permutation(10)]  # the top tokens are not ids 0, 1, …
+    config = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (draws, logits.size))
+    tokens, logp, policy_logp = jax.jit(lambda x, k: sample_logits(x, k, config))(batch, jax.random.key(3))
+    expected = reference_filtered_probs(logits, temperature, top_k, top_p)
+    counts = np.bincount(np.asarray(tokens), minlength=logits.size)
+    assert np.all(counts[expected == 0] == 0), "a token outside the top-k / nucleus set was sampled"
+    observed = counts / draws
+    support = expected > 0
+    assert 0.5 * np.abs(observed - expected).sum() < 0.01
+    chi2 = float(np.sum((counts[support] - draws * expected[support]) ** 2 / (draws * expected[support])))
+    assert chi2 < 30.0, f"chi-square {chi2:.1f} with {support.sum() - 1} degrees of freedom"  # p ≈ 1e-4 at df 9
+    np.testing.assert_allclose(logp, np.log(expected[np.asarray(tokens)]), atol=1e-5)
+    np.testing.assert_allclose(policy_logp, log_softmax64(logits / temperature)[np.asarray(tokens)], atol=1e-5)
+
+
+def test_top_p_keeps_the_top_token_even_when_it_alone_exceeds_p():
+    logits = jnp.log(jnp.array([[0.05, 0.9, 0.05]]))
+    config = SamplingConfig(max_new_tokens=1, top_p=0.5)
+    np.testing.assert_array_equal(sampling.filter_logits(logits, config)[0] > -jnp.inf, [False, True, False])
+    tokens, logp, _ = sample_logits(logits, jax.random.key(0), config)
+    assert int(tokens[0]) == 1 and abs(float(logp[0])) < 1e-7
+
+
+# ------------------------------------------------------------------------------------ stopping
+
+
+@pytest.fixture(scope="module")
+def greedy_free(split_model):
+    """Greedy completions without stop tokens (what the stop-token tests stop early)."""
+    graphdef, state = split_model
+    return np.asarray(sample_groups(graphdef, state, PROMPTS, 2, jax.random.key(0), GREEDY).tokens)[::2]
+
+
+def first_index(row, ids):
+    hits = [i for i, t in enumerate(row) if t in ids]
+    return hits[0] if hits else None
+
+
+def test_eos_and_extra_stop_ids_end_rows_with_masks_lengths_and_truncation(split_model, greedy_free, full_logits):
+    graphdef, state = split_model
+    stop = (int(greedy_free[0, 4]), int(greedy_free[1, 6]))  # an "eos" and an extra stop id
+    config = GREEDY.replace(eos_ids=stop, pad_id=0)
+    out = sample_groups(graphdef, state, PROMPTS, 2, jax.random.key(0), config)
+    np.testing.assert_array_equal(out.tokens[::2], out.tokens[1::2])  # greedy: the G samples agree
+    out = jax.tree.map(lambda x: x[::2] if x.ndim else x, out)
+    ref = greedy_reference(full_logits, PROMPTS, N, eos_ids=stop)
+    for i, row in enumerate(greedy_free):
+        end = first_index(row.tolist(), stop)
+        length = N if end is None else end + 1
+        assert int(out.lengths[i]) == length == len(ref[i])
+        assert bool(out.truncated[i]) == (end is None)
+        assert np.asarray(out.tokens)[i, :length].tolist() == ref[i]  # the stop token is kept
+        assert np.all(np.asarray(out.tokens)[i, length:] == 0)
+        assert np.asarray(out.mask)[i].tolist() == [j < length for j in range(N)]
+        assert np.all(np.asarray(out.policy_logprobs)[i, length:] == 0.0)
+    assert int(out.lengths[0]) <= 5 and not bool(out.truncated[0])
+
+
+def test_loop_exits_early_once_every_row_has_stopped(split_model, greedy_free):
+    graphdef, state = split_model
+    stop = tuple(sorted({int(t) for t in greedy_free[:, 1]}))  # every row has a stop token by its 2nd token
+    out = sample_groups(graphdef, state, PROMPTS, 2, jax.random.key(0), GREEDY.replace(eos_ids=stop))
+    ends = [first_index(row.tolist(), stop) + 1 for row in greedy_free]
+    assert out.lengths[::2].tolist() == ends and max(ends) <= 2
+    assert int(out.steps) == max(ends) < N  # the decode loop ran only as long as needed
+    assert int(sample_groups(graphdef, state, PROMPTS, 2, jax.random.key(0), GREEDY).steps) == N
+
+
+def test_min_new_tokens_bans_stop_ids_until_reached(split_model, greedy_free):
+    graphdef, state = split_model
+    stop = tuple(sorted({int(t) for t in greedy_free[:, 1]}))
+    config = SamplingConfig(max_new_tokens=N, temperature=1.0, eos_ids=stop, min_new_tokens=5)
+    out = sample_groups(graphdef, state, PROMPTS, 4, jax.random.key(5), config)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    assert np.all(lengths >= 5) and np.any(lengths < N)  # stop tokens do end rows, but only from the 5th on
+    assert not np.isin(tokens[:, :4], stop).any()
+    # The renormalised distribution excludes the banned ids: logprobs differ from the policy's there.
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal((4, 128)), jnp.float32)
+    for step, banned in ((0, True), (4, True), (5, False)):
+        _, logp, policy = sample_logits(logits, jax.random.key(0), config, step)
+        assert np.all(np.asarray(logp) > np.asarray(policy)) == banned
+
+
+def test_min_new_tokens_at_least_max_new_tokens_forces_full_length():
+    stop = (3, 7)
+    config = SamplingConfig(max_new_tokens=4, eos_ids=stop, min_new_tokens=4)
+    logits = jnp.zeros((20_000, 8)).at[:, 3].set(5.0)  # the stop token would be drawn almost always
+    tokens, logp, _ = jax.jit(lambda x, k: sample_logits(x, k, config, 3))(logits, jax.random.key(0))
+    assert not np.isin(np.asarray(tokens), stop).any()
+    np.testing.assert_allclose(logp, np.log(1 / 6), atol=1e-6)  # uniform over the 6 allowed ids
+
+
+# ------------------------------------------------------------------------------------ shapes and meshes
+
+
+def test_new_prompt_lengths_and_counts_in_a_bucket_do_not_recompile(split_model):
+    graphdef, state = split_model
+    config = SamplingConfig(max_new_tokens=4, temperature=0.9)
+    key = jax.random.key(0)
+    first = sampling.trace_count()
+    sample_groups(graphdef, state, [[1, 2, 3], [1, 5], [4] * 9], 2, key, config)  # 3 prompts ≤ 16 tokens
+    assert sampling.trace_count() - first == 1
+    sample_groups(graphdef, state, [[1] * 16, [2] * 7, [3], [4] * 12], 2, key, config)  # other lengths, 4 prompts
+    sample_groups(graphdef, state, [[1] * 5, [9] * 3, [3] * 2], 2, key, config)
+    assert sampling.trace_count() - first == 1  # same buckets (16 slots, 4 prompts): no new program
+    out = sample_groups(graphdef, state, [[1] * 17, [2] * 3, [5] * 8], 2, key, config)  # 17 tokens -> 32 slots
+    assert sampling.trace_count() - first == 2 and out.tokens.shape == (6, 4)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (4, 1, 2)])
+def test_sharded_output_equals_unsharded(split_model, mesh_shape):
+    graphdef, state = split_model
+    mesh = make_mesh(*mesh_shape)
+    sharded_state = jax.device_put(state, state_shardings(state, mesh))  # as init_model(cfg, seed, mesh) places it
+    assert "tensor" in sharded_state["layers"][0]["attn"]["q"][...].sharding.spec
+    ref = sample_groups(graphdef, state, PROMPTS, 4, jax.random.key(7), FILTERED)
+    out = sample_groups(graphdef, sharded_state, PROMPTS, 4, jax.random.key(7), FILTERED, mesh=mesh)
+    assert set(out.tokens.sharding.device_set) == set(mesh.devices.flat)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.mask, ref.mask)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.policy_logprobs, ref.policy_logprobs, atol=1e-5, rtol=0)
