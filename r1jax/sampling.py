@@ -126,11 +126,12 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
 
 def _top_k_top_p(x: jax.Array, config: SamplingConfig) -> jax.Array:
     if config.top_k:
-        kth = jax.lax.top_k(x, config.top_k)[0][..., -1:]
-        x = jnp.where(x < kth, _NEG_INF, x)
+        top = jax.lax.top_k(x, config.top_k)[0]  # [..., k], sorted
+        x = jnp.where(x < top[..., -1:], _NEG_INF, x)
     if config.top_p < 1.0:
         # Keep a token iff the mass strictly more likely than it is < top_p (always keeps the top one).
-        sorted_desc = -jnp.sort(-x, axis=-1)
+        # After top-k only the k survivors matter: no full-vocabulary sort (slow on XLA:CPU).
+        sorted_desc = top if config.top_k else -jnp.sort(-x, axis=-1)
         probs = jax.nn.softmax(sorted_desc, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         kept = mass_before < config.top_p
@@ -144,6 +145,27 @@ def _ban(x: jax.Array, ids: tuple[int, ...], when: jax.Array | bool) -> jax.Arra
     return jnp.where(banned & when, _NEG_INF, x)
 
 
+def _inverse_cdf_draw(x: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One token per row from softmax(x) [B, V], by inverse CDF; also logsumexp(x) [B].
+
+    One uniform per row: the Gumbel-max trick needs B·V random numbers per step, which on
+    XLA:CPU costs more than the rest of the sampling step together. Tokens at -inf (filtered
+    out) have zero mass and are never drawn, however the uniform rounds.
+    """
+    m = jnp.max(x, axis=-1, keepdims=True)
+    p = jnp.exp(x - m)  # unnormalised probabilities
+    cdf = jnp.cumsum(p, axis=-1)
+    total = cdf[:, -1]
+    u = jax.random.uniform(key, total.shape, jnp.float32)
+    index = jnp.sum(cdf <= (u * total)[:, None], axis=-1)
+    last = x.shape[-1] - 1 - jnp.argmax(p[:, ::-1] > 0, axis=-1)  # u·total may round up to total
+    return jnp.minimum(index, last).astype(jnp.int32), m[:, 0] + jnp.log(total)
+
+
+def _pick(x: jax.Array, tokens: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0]
+
+
 def sample_logits(
     logits: jax.Array, key: jax.Array, config: SamplingConfig, step: jax.Array | int = 0
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -153,7 +175,6 @@ def sample_logits(
     """
     logits = logits.astype(jnp.float32)
     policy = logits / config.temperature if config.temperature != 1.0 else logits
-    policy_lse = jax.nn.logsumexp(policy, axis=-1)
     filtered = _top_k_top_p(policy, config)
     if config.eos_ids and config.min_new_tokens >= config.max_new_tokens:
         filtered = _ban(filtered, config.eos_ids, True)
@@ -162,18 +183,13 @@ def sample_logits(
     unfiltered = filtered is policy
     if config.greedy:
         tokens = jnp.argmax(filtered, axis=-1).astype(jnp.int32)
-    else:
-        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    picked_policy = jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
-    policy_logprobs = picked_policy - policy_lse
-    if config.greedy:
-        logprobs = jnp.zeros_like(policy_logprobs)
-    elif unfiltered:  # the fast path of the benchmark workload: one log-softmax serves both
-        logprobs = policy_logprobs
-    else:
-        picked = jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0]
-        logprobs = picked - jax.nn.logsumexp(filtered, axis=-1)
-    return tokens, logprobs, policy_logprobs
+        policy_logprobs = _pick(policy, tokens) - jax.nn.logsumexp(policy, axis=-1)
+        return tokens, jnp.zeros_like(policy_logprobs), policy_logprobs
+    tokens, lse = _inverse_cdf_draw(filtered, key)
+    logprobs = _pick(filtered, tokens) - lse
+    if unfiltered:  # one log-softmax serves both (the benchmark workload's path)
+        return tokens, logprobs, logprobs
+    return tokens, logprobs, _pick(policy, tokens) - jax.nn.logsumexp(policy, axis=-1)
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -190,21 +206,39 @@ def _repeat_rows(x: jax.Array, g: int) -> jax.Array:
     return x if g == 1 else jnp.repeat(x, g, axis=0)
 
 
-def _grow_cache(cache: KVCache, group_size: int, extra: int) -> KVCache:
-    """Repeat each prompt's cache to its G rows and append `extra` empty slots."""
-
-    def grow(a, axis, axes):
-        pad = [(0, 0)] * a.ndim
-        pad[axis] = (0, extra)
-        return constrain(jnp.pad(_repeat_rows(a, group_size), pad), axes)
-
-    keys = tuple(grow(a, 3, ("batch", "kv_heads", "head_dim", "cache_seq")) for a in cache.k)  # [B, g, k, S]
-    values = tuple(grow(a, 2, ("batch", "kv_heads", "cache_seq", "head_dim")) for a in cache.v)  # [B, g, S, k]
-    valid = jnp.pad(_repeat_rows(cache.valid, group_size), ((0, 0), (0, extra)))
-    return KVCache(keys, values, valid, cache.index)
+def _repeat_cache(cache: KVCache, group_size: int) -> KVCache:
+    """Each prompt's cache repeated to its G rows (row p·G + j is sample j of prompt p)."""
+    rows = lambda arrays: tuple(_repeat_rows(a, group_size) for a in arrays)
+    return KVCache(rows(cache.k), rows(cache.v), _repeat_rows(cache.valid, group_size), cache.index)
 
 
-def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: SamplingConfig, group_size: int):
+_K_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")  # keys [B, g, k, S]
+_V_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")  # values [B, g, S, k]
+
+
+def _extend_cache(cache: KVCache, slots: int) -> KVCache:
+    """The cache with empty slots appended up to `slots`."""
+    extra = slots - cache.length
+    keys = tuple(constrain(jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, extra))), _K_AXES) for a in cache.k)
+    values = tuple(constrain(jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0))), _V_AXES) for a in cache.v)
+    return KVCache(keys, values, jnp.pad(cache.valid, ((0, 0), (0, extra))), cache.index)
+
+
+def decode_phases(max_new_tokens: int, first: int = 32) -> list[int]:
+    """Step counts at which the decode cache grows: 32, 64, 128, …, max_new_tokens.
+
+    Attention reads every slot of the cache at every step, filled or not; growing it in doubling
+    phases (one loop each) bounds the unused slots a step reads, for log2(N/32) + 1 loops.
+    """
+    ends, end = [], first
+    while end < max_new_tokens:
+        ends.append(end)
+        end *= 2
+    return [*ends, max_new_tokens]
+
+
+def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: SamplingConfig, group_size: int,
+              phases: tuple[int, ...]):
     global _trace_count
     _trace_count += 1
     model = nnx.merge(graphdef, state)
@@ -223,7 +257,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
         last = jnp.maximum(prompt_lengths - 1, 0)[:, None, None]
         h_last = jnp.take_along_axis(h, last, axis=1)  # [P, 1, D]
         logits = _repeat_rows(model.logits(h_last)[:, 0], g)  # [B, V]
-        cache = _grow_cache(cache, g, n_new)
+        cache = _repeat_cache(cache, g)
 
     lengths0 = _repeat_rows(prompt_lengths, g)  # [B]
     stop_ids = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
@@ -248,14 +282,10 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
             jnp.zeros((n_new, b), jnp.float32))
     out0 = tuple(constrain(o, (None, "batch")) for o in out0)
 
-    def cond(carry):
-        step, _, _, done, _, _ = carry
-        return (step < n_new) & ~jnp.all(done)
-
     def body(carry):
         # Draw token `step` from the carried logits, then run it through the model for the next
         # logits. The forward after the last draw is wasted (1 of N); in exchange the program holds
-        # one copy of the sampling code and one loop.
+        # one copy of the sampling code per loop.
         step, cache, logits, done, n_tokens, out = carry
         with jax.named_scope("sample"):
             tokens, done_next, counted, out = draw(logits, step, done, out)
@@ -268,7 +298,11 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
     # Rows of length 0 are batch padding: ended before they start, so they never delay the exit.
     done0 = _repeat_rows(prompt_lengths == 0, g)
     carry = (jnp.int32(0), cache, logits, done0, jnp.zeros(b, jnp.int32), out0)
-    steps, _, _, done, n_tokens, (toks, logp, plogp) = jax.lax.while_loop(cond, body, carry)
+    for end in phases:
+        step, cache, *rest = carry
+        carry = (step, _extend_cache(cache, slots + end), *rest)
+        carry = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & ~jnp.all(c[3]), body, carry)
+    steps, _, _, done, n_tokens, (toks, logp, plogp) = carry
     return SampleOutput(
         tokens=toks.T, mask=jnp.arange(n_new)[None, :] < n_tokens[:, None], lengths=n_tokens, truncated=~done,
         logprobs=logp.T, policy_logprobs=plogp.T,
@@ -277,7 +311,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
     )
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "config", "group_size"))
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "config", "group_size", "phases"))
 
 
 def generate(
@@ -306,7 +340,8 @@ def generate(
     if prompt_tokens.shape[1] + config.max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt slots {prompt_tokens.shape[1]} + sampling.max_new_tokens={config.max_new_tokens} "
                          f"exceed model.max_position_embeddings={cfg.max_position_embeddings}")
-    return _generate_jit(graphdef, state, prompt_tokens, prompt_lengths, key, config=config, group_size=group_size)
+    return _generate_jit(graphdef, state, prompt_tokens, prompt_lengths, key, config=config, group_size=group_size,
+                         phases=tuple(decode_phases(config.max_new_tokens)))
 
 
 def graphdef_config(graphdef: nnx.GraphDef, state: nnx.State):

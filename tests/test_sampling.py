@@ -144,6 +144,11 @@ def test_config_checks_ids_against_the_vocabulary(split_model):
         sample_groups(graphdef, state, PROMPTS, 1, jax.random.key(0), SamplingConfig(max_new_tokens=250))
 
 
+def test_decode_phases_double_up_to_max_new_tokens():
+    assert sampling.decode_phases(12) == [12] and sampling.decode_phases(32) == [32]
+    assert sampling.decode_phases(128) == [32, 64, 128] and sampling.decode_phases(100) == [32, 64, 100]
+
+
 def test_bucketed_padding():
     assert [sampling.bucket(n) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
     tokens, lengths = sampling.pad_prompts(PROMPTS, pad_id=0, min_length=8, min_batch=1)
@@ -154,8 +159,13 @@ def test_bucketed_padding():
 # ------------------------------------------------------------------------------------ exactness
 
 
-def test_greedy_through_the_cache_equals_argmax_of_full_forwards(split_model, full_logits):
+@pytest.mark.parametrize("first_phase", [32, 4])
+def test_greedy_through_the_cache_equals_argmax_of_full_forwards(split_model, full_logits, monkeypatch, first_phase):
+    """first_phase 4: the cache grows at steps 4 and 8 (three decode loops), as long generations do."""
     graphdef, state = split_model
+    decode_phases = sampling.decode_phases
+    monkeypatch.setattr(sampling, "decode_phases", lambda n: decode_phases(n, first_phase))
+    assert len(sampling.decode_phases(N)) == (1 if first_phase == 32 else 3)
     out = sample_groups(graphdef, state, PROMPTS, 2, jax.random.key(0), GREEDY)
     ref = greedy_reference(full_logits, PROMPTS, N)
     tokens = np.asarray(out.tokens)
