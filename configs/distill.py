@@ -57,7 +57,8 @@ def get_config() -> ConfigDict:
     c.student_rl = r1.grpo_section(
         init="pretrain",  # the same student base the distill stage started from
         template="r1_zero_brief", rewards=ConfigDict({"accuracy": 1.0, "format": 1.0}),
-        budget_from="distill", budget_s=0.0,  # wall-clock of that stage (else budget_s seconds)
+        budget_from="distill", budget_s=0.0,  # the time that stage took (else budget_s seconds)
+        budget_clock="wall",  # "wall", or "cpu" (process CPU seconds: fair on a shared machine)
         calibration_steps=3, steps=500,  # steps: an upper bound; the budget decides
     )
     return c

@@ -10,9 +10,10 @@
   trained by GRPO alone (R1-Zero template, accuracy + format rewards) for the same wall-clock time
   the `distill` stage took (teacher sampling + SFT; evaluation excluded on both sides).
 
-The wall-clock budget is met by measuring: a few calibration steps, then as many more as the
-measured step time fits in the remaining budget (`run_loop` resumes from the calibration's final
-checkpoint, so the RL run is one run on disk).
+The budget is met by measuring: a few calibration steps, then as many more as the measured cost per
+step fits in what is left (`run_loop` resumes from its own final checkpoint each time, so the RL run
+is one run on disk). `student_rl.budget_clock="wall"` (the issue's wall-clock) or `"cpu"` (process
+CPU seconds, the fair measure on a machine shared with other jobs).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from r1jax.data.filters import filter_samples
-from r1jax.metrics import read_jsonl as read_metrics
 from r1jax.pipeline import RunContext, StageManifest
 from r1jax.rewards import combine, get_reward
 from r1jax.stages_r1 import (
@@ -123,7 +123,7 @@ def distill_examples(ctx: RunContext, section, stage_dir: Path) -> tuple[list[di
 
 def distill(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     c, s = ctx.config, ctx.config.distill
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     data_file = stage_dir / DATA_FILE
     if data_file.exists():
         examples = read_jsonl(data_file)
@@ -131,51 +131,62 @@ def distill(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Mo
     else:
         examples, metrics = distill_examples(ctx, s, stage_dir)
         metrics["time/data_s"] = time.time() - t0
+        metrics["time/data_cpu_s"] = time.process_time() - cpu0
         (stage_dir / "data_stats.json").write_text(json.dumps(metrics, indent=1))
         write_jsonl_atomic(data_file, examples)
     metrics["data/examples"] = len(examples)
     print(f"[r1jax] distill: {len(examples)} SFT examples from {metrics['data/teacher']}", flush=True)
-    t_sft = time.time()
+    t_sft, cpu_sft = time.time(), time.process_time()
     trainer, history = train_sft(ctx, model, stage_dir, s, examples, c.data.r1_template)
     # The budget the RL control gets: building the data (teacher sampling) plus SFT. A resumed stage
     # counts the data time of the attempt that built it and its own SFT time only (an underestimate).
     metrics["time/budget_s"] = metrics.get("time/data_s", 0.0) + time.time() - t_sft
+    metrics["time/budget_cpu_s"] = metrics.get("time/data_cpu_s", 0.0) + time.process_time() - cpu_sft
     return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=c.data.r1_template,
-                                 metrics=metrics, history=history, t0=t0)
+                                 metrics=metrics, history=history, t0=t0, cpu0=cpu0)
 
 
 def student_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     s = ctx.config.student_rl
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
+    if s.budget_clock not in ("wall", "cpu"):
+        raise ValueError(f"student_rl.budget_clock={s.budget_clock!r}; accepted: 'wall', 'cpu'")
     budget = float(s.budget_s)
     if s.budget_from:
         manifest = StageManifest.read(ctx.workdir / s.budget_from)
-        if manifest is None or "time/budget_s" not in manifest.metrics:
+        key = "time/budget_s" if s.budget_clock == "wall" else "time/budget_cpu_s"
+        if manifest is None or key not in manifest.metrics:
             raise ValueError(f"student_rl.budget_from={s.budget_from!r}: that stage has not finished in {ctx.workdir}")
-        budget = float(manifest.metrics["time/budget_s"])
+        budget = float(manifest.metrics[key])
+    clock = time.time if s.budget_clock == "wall" else time.process_time
+    start = clock()
     reward = combine({name: (name, float(w)) for name, w in s.rewards.items() if float(w)})
     run = GRPORun(ctx, model, stage_dir, s, reasoning_records(ctx, "train"), reward, s.template)
+    history: list[dict[str, float]] = []
     try:
-        # Calibrate: a few steps (compilation included, as it is in the budget), then fill the rest.
-        calib = min(s.calibration_steps, s.steps)
-        history = run.run(calib)
-        rows = history or read_metrics(stage_dir / "metrics.jsonl")  # a resumed stage: the first attempt's
-        times = [h["time/step"] for h in rows if "time/step" in h]
-        times = times[1:] or times  # the first step compiles
-        step_s = float(np.median(times)) if times else float("inf")
-        spare = budget - (time.time() - t0)
-        total = min(s.steps, calib + (max(0, int(spare / step_s)) if np.isfinite(step_s) else 0))
-        if total > run.trainer.step_count:
-            history = history + run.run(total)
-        total = run.trainer.step_count
+        # Calibrate on a few steps (the first one compiles, and is in the budget as it is in distill's),
+        # then fill what is left of the budget at the measured cost per step, re-measuring as we go.
+        history += run.run(min(1, s.steps))
+        mark, done = clock(), run.trainer.step_count
+        history += run.run(min(max(s.calibration_steps, 2), s.steps))
+        step_cost = (clock() - mark) / max(1, run.trainer.step_count - done)
+        while run.trainer.step_count < s.steps:
+            more = int((budget - (clock() - start)) / step_cost)
+            if more < 1:
+                break
+            mark, done = clock(), run.trainer.step_count
+            history += run.run(min(s.steps, done + more))
+            step_cost = (clock() - mark) / max(1, run.trainer.step_count - done)
     finally:
         run.close()
     trainer = run.trainer
-    metrics = {"rl/budget_s": budget, "rl/steps": total, "rl/step_s": step_s, "rl/wall_s": time.time() - t0}
-    print(f"[r1jax] student_rl: {total} GRPO steps in {metrics['rl/wall_s']:.0f} s (budget {budget:.0f} s)",
-          flush=True)
+    metrics = {"rl/budget_clock": s.budget_clock, "rl/budget": budget, "rl/used": clock() - start,
+               "rl/steps": trainer.step_count, "rl/step_cost": step_cost, "rl/wall_s": time.time() - t0,
+               "rl/cpu_s": time.process_time() - cpu0}
+    print(f"[r1jax] student_rl: {trainer.step_count} GRPO steps in {metrics['rl/used']:.0f} {s.budget_clock} s "
+          f"(budget {budget:.0f} s)", flush=True)
     return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=s.template,
-                                 metrics=metrics, history=history, t0=t0)
+                                 metrics=metrics, history=history, t0=t0, cpu0=cpu0)
 
 
 DISTILL_STAGES = {"distill": distill, "student_rl": student_rl}

@@ -41,7 +41,7 @@ from r1jax.data import general
 from r1jax.data.filters import FilterConfig, filter_samples, language_stats, split_reasoning
 from r1jax.data.pipeline import prompt_dataset
 from r1jax.data.synthetic import solution_trace, summary_text
-from r1jax.data.templates import format_cold_start, format_prompt, parse_r1_zero
+from r1jax.data.templates import DEFAULT_SPECIAL_TOKEN, format_cold_start, format_prompt, parse_r1_zero
 from r1jax.evaluate import evaluate_completions, grader_from_reward, sample_completions, summarize
 from r1jax.grpo import GRPOConfig
 from r1jax.metrics import plot_curves
@@ -265,13 +265,16 @@ def train_grpo(ctx: RunContext, model: nnx.Module, stage_dir: Path, section, rec
 
 
 def finish(ctx: RunContext, stage_dir: Path, graphdef, params, *, template: str, metrics: dict[str, Any],
-           history: list[dict[str, float]], t0: float) -> dict[str, Any]:
-    """Train-time metrics + the held-out evaluation; updates `<workdir>/report.md`."""
+           history: list[dict[str, float]], t0: float, cpu0: float) -> dict[str, Any]:
+    """Train-time metrics + the held-out evaluation; updates `<workdir>/report.md`. `t0`, `cpu0`: the
+    stage's start in `time.time()` and `time.process_time()` (CPU seconds tell the cost on a busy box)."""
     metrics["time/train_s"] = time.time() - t0
+    metrics["time/train_cpu_s"] = time.process_time() - cpu0  # all threads: the cost on an idle machine
     if history:
         metrics.update({k: v for k, v in history[-1].items() if k.startswith(("train/loss", "reward/"))})
     metrics.update(evaluate_policy(ctx, graphdef, params, template=template, step=10_000))
     metrics["time/stage_s"] = time.time() - t0
+    metrics["time/stage_cpu_s"] = time.process_time() - cpu0
     write_pipeline_report(ctx, {stage_dir.name: metrics})
     return metrics
 
@@ -328,7 +331,7 @@ def to_r1_format(completion: str, answer: str | None = None) -> str | None:
     """An R1-Zero completion (`<think> r </think> <answer> a </answer>`) rewritten as R1's cold-start
     format `|special_token| r |special_token| summary`; None if it does not parse."""
     parsed = parse_r1_zero(completion)
-    if parsed is None or not parsed[0]:
+    if parsed is None or not parsed[0] or DEFAULT_SPECIAL_TOKEN in completion:
         return None
     reasoning, final = parsed
     return format_cold_start(reasoning, summary_text(answer if answer is not None else final))
@@ -384,7 +387,7 @@ def cold_start_examples(ctx: RunContext, model: nnx.Module, section) -> tuple[li
 
 def cold_start(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     c, s = ctx.config, ctx.config.cold_start
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     data_file = stage_dir / DATA_FILE
     metrics: dict[str, Any] = {}
     if data_file.exists():
@@ -404,7 +407,7 @@ def cold_start(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx
           flush=True)
     trainer, history = train_sft(ctx, model, stage_dir, s, examples, c.data.r1_template)
     return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=c.data.r1_template,
-                                 metrics=metrics, history=history, t0=t0)
+                                 metrics=metrics, history=history, t0=t0, cpu0=cpu0)
 
 
 # ------------------------------------------------------------------------------------ stage 2: reasoning RL
@@ -426,13 +429,13 @@ def rule_rewards(ctx: RunContext, weights, *, reasoning_only: bool = False):
 
 def reasoning_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     c, s = ctx.config, ctx.config.reasoning_rl
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     reward = combine(rule_rewards(ctx, s.rewards))
     trainer, history = train_grpo(ctx, model, stage_dir, s, reasoning_records(ctx, "train"), reward,
                                   c.data.r1_template)
     plot_curves(stage_dir / "metrics.jsonl", stage_dir)
     return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=c.data.r1_template,
-                                 metrics={}, history=history, t0=t0)
+                                 metrics={}, history=history, t0=t0, cpu0=cpu0)
 
 
 # ------------------------------------------------------------------------------------ stage 3: rejection sampling
@@ -446,7 +449,7 @@ def general_examples(ctx: RunContext, n: int) -> list[dict[str, Any]]:
 
 def rejection_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     c, s = ctx.config, ctx.config.rejection_sft
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     data_file = stage_dir / DATA_FILE
     if data_file.exists():
         examples = read_jsonl(data_file)
@@ -479,7 +482,7 @@ def rejection_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[
     metrics["data/examples"] = len(examples)
     trainer, history = train_sft(ctx, model, stage_dir, s, examples, c.data.r1_template)
     return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=c.data.r1_template,
-                                 metrics=metrics, history=history, t0=t0)
+                                 metrics=metrics, history=history, t0=t0, cpu0=cpu0)
 
 
 # ------------------------------------------------------------------------------------ stage 4: RL for all scenarios
@@ -487,7 +490,7 @@ def rejection_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[
 
 def rl_all(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     c, s = ctx.config, ctx.config.rl_all
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     rewards = rule_rewards(ctx, s.rewards, reasoning_only=True)
     p = s.preference
     if p.helpfulness:
@@ -502,7 +505,7 @@ def rl_all(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Mod
     trainer, history = train_grpo(ctx, model, stage_dir, s, records, combine(rewards), c.data.r1_template)
     plot_curves(stage_dir / "metrics.jsonl", stage_dir)
     return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=c.data.r1_template,
-                                 metrics={}, history=history, t0=t0)
+                                 metrics={}, history=history, t0=t0, cpu0=cpu0)
 
 
 def _bound(fn, **options):

@@ -1,0 +1,215 @@
+"""The R1 pipeline and distillation end to end on tiny settings, in subprocesses, as a user runs them.
+
+One module fixture runs `python -m r1jax.train --config=r1` with tiny overrides, SIGKILLs it once the
+rejection-sampling SFT (stage 3) has written a checkpoint, reruns it to the end, and then runs
+`--config=distill` with the R1 run as teacher. The tests read what those runs left on disk. A
+persistent compilation cache shared by the subprocesses keeps the reruns from compiling again.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+R1_STAGES = ("pretrain", "cold_start", "reasoning_rl", "rejection_sft", "rl_all")
+SFT3_STEPS = 40
+
+TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+TINY_SFT = {"batch_size": 4, "warmup_steps": 0, "max_length": 128}
+TINY_RL = {"prompts_per_step": 2, "group_size": 2, "warmup_steps": 0, "max_new_tokens": 12}
+TINY_COMMON = {
+    **{f"model.{k}": v for k, v in TINY_MODEL.items()},
+    "model.max_position_embeddings": 128, "tokenizer.vocab_size": 320,
+    "pretrain.corpus_size": 200, "pretrain.steps": 4, "pretrain.batch_size": 8, "pretrain.warmup_steps": 0,
+    "pretrain.max_length": 64,
+    "data.train_size": 64, "data.eval_size": 2, "data.max_prompt_length": 32,
+    "eval.k": 1, "eval.max_new_tokens": 12, "eval.general_size": 2, "eval.general_k": 1,
+    "checkpoint.every": 2, "checkpoint.keep": 3,
+}
+TINY_R1 = {
+    **TINY_COMMON,
+    **{f"cold_start.{k}": v for k, v in TINY_SFT.items()},
+    "cold_start.prompts": 4, "cold_start.samples_per_prompt": 2, "cold_start.min_examples": 8,
+    "cold_start.max_new_tokens": 12, "cold_start.steps": 2,
+    **{f"reasoning_rl.{k}": v for k, v in TINY_RL.items()}, "reasoning_rl.steps": 2,
+    **{f"rejection_sft.{k}": v for k, v in TINY_SFT.items()},
+    "rejection_sft.prompts": 4, "rejection_sft.samples_per_prompt": 2, "rejection_sft.max_new_tokens": 12,
+    "rejection_sft.min_examples": 8, "rejection_sft.top_up_with_traces": True, "rejection_sft.steps": SFT3_STEPS,
+    **{f"rl_all.{k}": v for k, v in TINY_RL.items()}, "rl_all.steps": 2,
+}
+TINY_DISTILL = {
+    **TINY_COMMON,
+    "model.hidden_size": 16, "model.intermediate_size": 32,  # the student: smaller than the teacher
+    **{f"distill.teacher.model.{k}": v for k, v in TINY_MODEL.items()},
+    "distill.teacher.model.max_position_embeddings": 128,
+    **{f"distill.{k}": v for k, v in TINY_SFT.items()},
+    "distill.prompts": 4, "distill.samples_per_prompt": 2, "distill.max_new_tokens": 12, "distill.min_examples": 8,
+    "distill.top_up_with_traces": True, "distill.steps": 4,
+    **{f"student_rl.{k}": v for k, v in TINY_RL.items()}, "student_rl.calibration_steps": 2, "student_rl.steps": 6,
+}
+
+
+def command(config: str, workdir: Path, overrides: dict) -> list[str]:
+    return [sys.executable, "-m", "r1jax.train", f"--config={config}", "--workdir", str(workdir),
+            *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+def environment(cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def checkpoint_steps(stage_dir: Path) -> list[int]:
+    ckpt = stage_dir / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+def manifest(workdir: Path, stage: str) -> dict:
+    return json.loads((workdir / stage / "manifest.json").read_text())
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("r1_pipeline")
+    workdir, env = root / "r1", environment(root / "jax_cache")
+    log = open(root / "first.log", "w")
+    first = subprocess.Popen(command("r1", workdir, TINY_R1), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 900
+    try:
+        while not checkpoint_steps(workdir / "rejection_sft"):
+            if first.poll() is not None:
+                pytest.fail(f"the first run exited ({first.returncode}) before stage 3 saved a checkpoint:\n"
+                            + (root / "first.log").read_text()[-3000:])
+            if time.time() > deadline:
+                pytest.fail("stage 3 wrote no checkpoint within 15 minutes")
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.wait()
+        log.close()
+    killed_at = checkpoint_steps(workdir / "rejection_sft")
+    before = {s: (workdir / s / "manifest.json").read_bytes() for s in R1_STAGES[:3]}
+    mtimes = {s: (workdir / s / "manifest.json").stat().st_mtime_ns for s in R1_STAGES[:3]}
+    stage3_data = digest(workdir / "rejection_sft" / "data.jsonl")
+    stage3_status = manifest(workdir, "rejection_sft")["status"]
+
+    second = subprocess.run(command("r1", workdir, TINY_R1), cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    distill_dir = root / "distill"
+    distill = subprocess.run(command("distill", distill_dir, {**TINY_DISTILL, "distill.teacher.workdir": workdir}),
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert distill.returncode == 0, distill.stdout[-3000:] + distill.stderr[-3000:]
+    return {"workdir": workdir, "killed_at": killed_at, "before": before, "mtimes": mtimes, "stage3_data": stage3_data,
+            "stage3_status": stage3_status, "second": second.stdout, "distill_dir": distill_dir,
+            "distill": distill.stdout}
+
+
+@pytest.mark.slow
+def test_all_four_stages_run_and_chain_by_parameter_hash(runs):
+    workdir = runs["workdir"]
+    m = {s: manifest(workdir, s) for s in R1_STAGES}
+    assert all(x["status"] == "done" and Path(x["checkpoint"]).is_dir() for x in m.values())
+    assert all(x["config"] for s, x in m.items() if s != "pretrain")  # each stage's config section is recorded
+    # Each stage starts from the previous stage's final parameters ...
+    for prev, cur in [("pretrain", "cold_start"), ("cold_start", "reasoning_rl"), ("rejection_sft", "rl_all")]:
+        assert m[cur]["init_param_hash"] == m[prev]["param_hash"], cur
+        assert m[cur]["init_checkpoint"] == m[prev]["checkpoint"] and m[cur]["init_source"] == "previous"
+    # ... except rejection-sampling SFT, which retrains the base (init="base"), sampling from stage 2.
+    assert m["rejection_sft"]["init_source"] == "base"
+    assert m["rejection_sft"]["init_param_hash"] == m["pretrain"]["param_hash"]
+    assert m["rejection_sft"]["metrics"]["data/sampled_from"] == m["reasoning_rl"]["checkpoint"]
+    assert len({x["param_hash"] for x in m.values()}) == 5  # every stage trained
+    for s in R1_STAGES[1:]:
+        metrics = m[s]["metrics"]
+        assert {"eval/pass1", "eval/format", "eval/lang_consistent", "eval/helpfulness"} <= set(metrics), s
+    assert "| rl_all | rejection_sft |" in (workdir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_kill_during_stage_3_resumes_stage_3_only(runs):
+    workdir = runs["workdir"]
+    assert runs["stage3_status"] == "running" and runs["killed_at"], "the kill did not land inside stage 3"
+    # Stages 1-2 (and the base) were skipped, their manifests untouched, byte for byte.
+    for s in R1_STAGES[:3]:
+        assert f"stage {s}: done already" in runs["second"]
+        assert (workdir / s / "manifest.json").read_bytes() == runs["before"][s]
+        assert (workdir / s / "manifest.json").stat().st_mtime_ns == runs["mtimes"][s]
+    # Stage 3 reused its rejection-sampled data and resumed training from its last checkpoint.
+    assert digest(workdir / "rejection_sft" / "data.jsonl") == runs["stage3_data"]
+    assert "rejection_sft: reusing" in runs["second"]
+    resumed = [line for line in runs["second"].splitlines() if "rejection_sft: resuming training" in line]
+    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= runs["killed_at"][-1] > 0
+    steps = [json.loads(line)["step"] for line in (workdir / "rejection_sft" / "metrics.jsonl").open()]
+    assert steps == list(range(1, SFT3_STEPS + 1))  # resumed, not restarted, and no step logged twice
+    assert manifest(workdir, "rl_all")["status"] == "done"
+
+
+@pytest.mark.slow
+def test_distill_trains_and_evaluates_student_and_rl_control(runs):
+    d, teacher = runs["distill_dir"], runs["workdir"]
+    m = {s: manifest(d, s) for s in ("pretrain", "distill", "student_rl")}
+    assert m["distill"]["init_param_hash"] == m["pretrain"]["param_hash"]
+    assert m["student_rl"]["init_source"] == "pretrain"  # the same student base, not the distilled one
+    assert m["student_rl"]["init_param_hash"] == m["pretrain"]["param_hash"]
+    dm, rm = m["distill"]["metrics"], m["student_rl"]["metrics"]
+    assert dm["data/teacher"] == manifest(teacher, "rl_all")["checkpoint"]
+    assert dm["data/seen"] == 4 * 2 and dm["data/examples"] >= 8
+    assert 0.0 <= dm["eval/pass1"] <= 1.0 and 0.0 <= rm["eval/pass1"] <= 1.0
+    assert rm["rl/budget"] == pytest.approx(dm["time/budget_s"]) and rm["rl/budget_clock"] == "wall"
+    assert 2 <= rm["rl/steps"] <= 6
+
+
+@pytest.mark.slow
+def test_language_reward_keeps_cots_in_one_language_where_accuracy_rewards_mixing(tmp_path):
+    # bench/language_mixing.py: a base pretrained where every correct trace mixes in Chinese filler
+    # words; GRPO with accuracy alone vs accuracy + R1 eq. 7, same seed; CoTs sampled on the RL prompts.
+    args = ["--workdir", str(tmp_path / "run"), "--hidden", "32", "--layers", "1", "--pretrain-steps", "200",
+            "--rl-steps", "10", "--prompts-per-step", "4", "--lr", "2e-3", "--eval-prompts", "16"]
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "language_mixing.py"), *args], cwd=REPO,
+                         env=environment(tmp_path / "jax_cache"), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    base, accuracy_only, with_language = r["base"], r["accuracy_only"], r["with_language"]
+    assert accuracy_only["consistent"] < base["consistent"] - 0.2  # the task tempts: accuracy alone spreads mixing
+    assert with_language["consistent"] > accuracy_only["consistent"] + 0.3  # eq. 7 holds it back
+    assert with_language["word_share"] > accuracy_only["word_share"]
+
+
+def test_configs_load_with_the_papers_values():
+    import importlib.util
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config()
+
+    r1, distill = load("r1"), load("distill")
+    assert r1.stages.split(",") == list(R1_STAGES) and r1.rejection_sft.init == "base"
+    assert dict(r1.reasoning_rl.rewards) == {"accuracy": 1.0, "r1_format": 1.0, "language": 1.0}
+    assert distill.student_rl.init == "pretrain" and distill.model.hidden_size < r1.model.hidden_size
+    assert distill.distill.teacher.model.hidden_size == r1.model.hidden_size
+    big = load("r1_qwen7b")
+    rl, rl_all = big.reasoning_rl, big.rl_all
+    assert (rl.learning_rate, rl.beta, rl.epsilon_low, rl.group_size, rl.temperature) == (3e-6, 0.001, 10.0, 16, 1.0)
+    assert rl.prompts_per_step * rl.group_size == 512 and rl.num_minibatches == 16 and rl.ref_update_every == 400
+    assert (rl_all.temperature, rl_all.steps) == (0.7, 1700)
+    assert (big.eval.temperature, big.eval.top_p) == (0.6, 0.95) and big.rejection_sft.general_fraction == 0.25
+    small = load("distill_qwen1p5b")
+    assert small.stages == "distill,student_rl" and small.distill.learning_rate == 1e-4
+    assert small.distill.teacher.model.hf_path == big.model.hf_path and small.model.hf_path != big.model.hf_path
