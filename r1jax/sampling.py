@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from r1jax.model import KVCache, init_cache
+from r1jax.model.transformer import rope_frequencies, rope_tables
 from r1jax.sharding import constrain
 
 _NEG_INF = -jnp.inf
@@ -282,6 +283,9 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
             jnp.zeros((n_new, b), jnp.float32))
     out0 = tuple(constrain(o, (None, "batch")) for o in out0)
 
+    # RoPE rows for every slot, computed once: each step gathers its rows (see hidden_states).
+    cos_table, sin_table = (t[0, :, 0] for t in rope_tables(jnp.arange(slots + n_new)[None], rope_frequencies(cfg)))
+
     def body(carry):
         # Draw token `step` from the carried logits, then run it through the model for the next
         # logits. The forward after the last draw is wasted (1 of N); in exchange the program holds
@@ -290,8 +294,9 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
         with jax.named_scope("sample"):
             tokens, done_next, counted, out = draw(logits, step, done, out)
         with jax.named_scope("decode"):
-            positions = (lengths0 + step)[:, None]
-            h, cache = model.hidden_states(tokens[:, None], positions, None, cache)
+            positions = (lengths0 + step)[:, None]  # [B, 1]
+            rope = (cos_table[positions][:, :, None], sin_table[positions][:, :, None])  # [B, 1, 1, k/2]
+            h, cache = model.hidden_states(tokens[:, None], positions, None, cache, rope)
             logits = model.logits(h)[:, 0]
         return step + 1, cache, logits, done_next, n_tokens + counted.astype(jnp.int32), out
 

@@ -226,12 +226,16 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         valid: jax.Array | None = None,
         cache: KVCache | None = None,
+        rope: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states [b, t, d] and the updated cache.
 
         tokens [b, t] int; valid [b, t] bool marks real tokens (default: all); positions [b, t]
         default to the count of real tokens before each one (so left padding works). With a
         cache, the t tokens are written at slots `cache.index …` and attend to all earlier slots.
+        rope: `rope_tables(positions, rope_frequencies(cfg))` if the caller has it, e.g. rows
+        gathered from a table built once outside a decode loop (XLA otherwise fuses cos/sin into
+        every q/k consumer and recomputes them per element, ~10 % of a CPU decode step).
         """
         cfg = self.cfg
         if valid is None:
@@ -243,7 +247,8 @@ class Transformer(nnx.Module):
         run = _run_block
         if cfg.remat != "none":
             run = nnx.remat(_run_block, policy=_REMAT[cfg.remat], prevent_cse=True)
-        rope = rope_tables(positions, rope_frequencies(cfg))
+        if rope is None:
+            rope = rope_tables(positions, rope_frequencies(cfg))
         cache_valid = index = None
         if cache is not None:
             index = cache.index
