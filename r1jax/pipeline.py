@@ -36,6 +36,10 @@ from r1jax.sharding import make_mesh
 MANIFEST = "manifest.json"
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; raised before any expensive work, naming the field."""
+
+
 # ------------------------------------------------------------------------------------ manifests
 
 
@@ -144,13 +148,15 @@ class RunContext:
                                       spec=self.task_spec)
         return benchmarks.load_benchmark(spec, limit=size or None, data_dir=d.data_dir or None)
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The model the config describes; `vocab_size` stands in for the tokenizer's when model.vocab_size=0."""
         m = self.config.model
         runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
         if m.preset:
             return get_preset(m.preset, **runtime)
         return ModelConfig(
-            vocab_size=m.vocab_size or self.tokenizer.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+            vocab_size=m.vocab_size or vocab_size or self.tokenizer.vocab_size, hidden_size=m.hidden_size,
+            num_layers=m.num_layers,
             num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
             max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
             tie_word_embeddings=m.tie_word_embeddings, **runtime)
@@ -180,13 +186,20 @@ class RunContext:
 StageFn = Callable[[RunContext, nnx.Module, Path], tuple[nnx.Module, dict[str, Any]]]
 
 
-def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, StageFn]) -> dict[str, StageManifest]:
-    """Run `config.stages` in order; returns each stage's manifest."""
+def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, StageFn],
+                 validate: Callable[[ConfigDict, list[str]], None] | None = None) -> dict[str, StageManifest]:
+    """Run `config.stages` in order; returns each stage's manifest.
+
+    `validate(config, stage_names)` runs first, so a bad value fails before the tokenizer, the data
+    or the model is built (`r1jax.stages.validate_config`).
+    """
     workdir = Path(workdir)
     names = [s.strip() for s in config.stages.split(",") if s.strip()]
     unknown = [n for n in names if n not in stages]
     if not names or unknown:
-        raise ValueError(f"config.stages={config.stages!r}: unknown stage(s) {unknown}; known: {sorted(stages)}")
+        raise ConfigError(f"config.stages={config.stages!r}: unknown stage(s) {unknown}; known: {sorted(stages)}")
+    if validate is not None:
+        validate(config, names)
     ctx = RunContext(config, workdir)
     previous: StageManifest | None = None
     manifests = {}

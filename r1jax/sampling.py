@@ -1,4 +1,8 @@
-"""The sampler: prefill, KV-cache decode in one `lax.while_loop`, sampling filters, exact log-probs.
+"""The sampler: prefill once, KV-cache decode in `lax.while_loop`s, sampling filters, exact log-probs.
+
+Public: `sample_groups` (token lists in, bucketed shapes, G samples per prompt), `generate` (the
+jitted program at exactly the given shapes), `SamplingConfig`, `SampleOutput`, and the per-step
+pieces `sample_logits` / `filter_logits`.
 
 Letters: P distinct prompts, G samples per prompt, B = P·G rows, L prompt slots (a bucket), N
 max new tokens, V vocab.
@@ -10,7 +14,9 @@ Design choices:
   `length[p] + i`, so rows of different lengths decode together without shifting.
 * Shapes are static and bucketed: `sample_groups` pads the prompt length and the prompt count up
   to powers of two, so a new batch of prompts reuses a compiled program (`trace_count()` counts
-  compilations). The decode loop exits early once every row has produced a stop token.
+  compilations). Decoding runs in `lax.while_loop`s that exit as soon as every row has produced
+  a stop token (`SampleOutput.steps` says how many steps ran). The cache grows in doubling
+  phases, one loop each (`decode_phases`), because attention reads every slot, filled or not.
 * Two log-probs per sampled token (fp32):
   - `logprobs`: under the distribution actually sampled from — logits / temperature, then top-k,
     then top-p (nucleus), then stop tokens banned before `min_new_tokens`, renormalised. Use it for
@@ -20,8 +26,12 @@ Design choices:
     by the sampling temperature, i.e. `r1jax.grpo.token_logprobs(logits, tokens, temperature=T)`
     on a full forward pass; `policy_logprobs` equals exactly that. With T = 1 (R1's setting) it is
     the plain policy log-prob. For greedy decoding the configured temperature still applies.
+* Tokens are drawn by inverse CDF, one uniform per row per step; its exp/cumsum also gives the
+  log-normaliser, so the unfiltered path does one log-softmax per step. Filters cost nothing when
+  off (static config): top-k is `lax.top_k`, top-p sorts only the top-k survivors if top-k is on.
 * Runs under the training mesh with the training parameter arrays (no copy): rows are
-  constrained to the `batch` logical axis, heads follow the model's own constraints.
+  constrained to the `batch` logical axis, heads follow the model's own constraints. Random
+  draws use the partitionable threefry, so sharded and unsharded runs sample the same tokens.
 """
 
 from __future__ import annotations
@@ -38,14 +48,14 @@ from flax import nnx
 
 from r1jax.model import KVCache, init_cache
 from r1jax.model.transformer import rope_frequencies, rope_tables
-from r1jax.sharding import constrain
+from r1jax.sharding import DEFAULT_RULES, constrain
 
 _NEG_INF = -jnp.inf
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How completions are drawn.
+    """How completions are drawn; validated on construction (errors name the field).
 
     max_new_tokens: N, the completion length bound (also the output width).
     temperature: logits are divided by it (> 0). Also sets `policy_logprobs` (module docstring).
@@ -225,13 +235,15 @@ def _extend_cache(cache: KVCache, slots: int) -> KVCache:
     return KVCache(keys, values, jnp.pad(cache.valid, ((0, 0), (0, extra))), cache.index)
 
 
-def decode_phases(max_new_tokens: int, first: int = 32) -> list[int]:
-    """Step counts at which the decode cache grows: 32, 64, 128, …, max_new_tokens.
+def decode_phases(max_new_tokens: int, first: int | None = None) -> list[int]:
+    """Step counts at which the decode cache grows: doubling from `first` up to max_new_tokens.
 
-    Attention reads every slot of the cache at every step, filled or not; growing it in doubling
-    phases (one loop each) bounds the unused slots a step reads, for log2(N/32) + 1 loops.
+    Attention reads every slot of the cache at every step, filled or not; growing the cache in
+    doubling phases (one decode loop each) bounds the unused slots a step reads. `first` defaults
+    to max(32, N / 16): at most 5 loops to compile (128 new tokens: 32, 64, 128).
     """
-    ends, end = [], first
+    end = first or max(32, max_new_tokens // 16)
+    ends = []
     while end < max_new_tokens:
         ends.append(end)
         end *= 2
@@ -330,26 +342,23 @@ def generate(
 ) -> SampleOutput:
     """Sample `group_size` completions for each of P right-padded prompts, at exactly these shapes.
 
-    prompt_tokens [P, L] int (right-padded), prompt_lengths [P] int in [0, L]; a row of length 0
-    is batch padding (all pad, never delays the early exit). Compiles once per
-    (P, L, config, group_size); `sample_groups` buckets the shapes. Call it under
-    `jax.set_mesh(mesh)` to run sharded on the mesh the parameters live on.
+    prompt_tokens [P, L] int (right-padded), prompt_lengths [P] int in [0, L] (not checked here:
+    they may live on device); a row of length 0 is batch padding (all pad, never delays the early
+    exit). Compiles once per (P, L, config, group_size); `sample_groups` buckets the shapes and
+    checks the lengths. Call it under `jax.set_mesh(mesh)` to run sharded on the mesh the
+    parameters live on.
     """
-    cfg = graphdef_config(graphdef, state)
-    config.check_vocab(cfg.vocab_size)
+    config.check_vocab(_model_config(graphdef, state).vocab_size)
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size={group_size!r} must be an int ≥ 1")
     if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
         raise ValueError(f"prompt_tokens {prompt_tokens.shape} must be [P, L] and prompt_lengths "
                          f"{prompt_lengths.shape} [P]")
-    if prompt_tokens.shape[1] + config.max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt slots {prompt_tokens.shape[1]} + sampling.max_new_tokens={config.max_new_tokens} "
-                         f"exceed model.max_position_embeddings={cfg.max_position_embeddings}")
     return _generate_jit(graphdef, state, prompt_tokens, prompt_lengths, key, config=config, group_size=group_size,
                          phases=tuple(decode_phases(config.max_new_tokens)))
 
 
-def graphdef_config(graphdef: nnx.GraphDef, state: nnx.State):
+def _model_config(graphdef: nnx.GraphDef, state: nnx.State):
     """The ModelConfig of a split model, without touching the parameter arrays."""
     return nnx.merge(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)).cfg
 
@@ -387,8 +396,9 @@ def sample_groups(
     """G completions per prompt, with bucketed shapes (prompt length and count up to powers of two).
 
     prompts: token-id lists, or (tokens [P, L] right-padded, lengths [P]). The output has P·G rows
-    (padding rows removed), prompt-major. `mesh`: run sharded there (rows over the `batch` axis);
-    the parameters stay where they are.
+    (padding rows removed), prompt-major. `mesh`: run sharded there with the parameters where they
+    already are (rows over the `batch` axis; the prompt count is bucketed so that the rows divide
+    evenly over its shards).
     """
     if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
         tokens, lengths = np.asarray(prompts[0]), np.asarray(prompts[1])
@@ -396,7 +406,13 @@ def sample_groups(
             raise ValueError(f"prompt lengths must lie in [1, {tokens.shape[1]}]: got {lengths.tolist()}")
         prompts = [row[:n].tolist() for row, n in zip(tokens, lengths, strict=True)]
     n_prompts = len(prompts)
-    tokens, lengths = pad_prompts(prompts, config.pad_id, min_prompt_length)
+    longest = max((len(p) for p in prompts), default=0)
+    max_positions = _model_config(graphdef, state).max_position_embeddings
+    if longest + config.max_new_tokens > max_positions:
+        raise ValueError(f"longest prompt {longest} + sampling.max_new_tokens={config.max_new_tokens} exceeds "
+                         f"model.max_position_embeddings={max_positions}")
+    shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in DEFAULT_RULES.mesh_axes("batch"))
+    tokens, lengths = pad_prompts(prompts, config.pad_id, min_prompt_length, shards // math.gcd(shards, group_size))
     if mesh is None:
         out = generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key, config, group_size)
     else:

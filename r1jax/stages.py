@@ -13,13 +13,15 @@ import grain
 import jax
 import numpy as np
 from flax import nnx
+from ml_collections import ConfigDict
 
 from r1jax.data.pipeline import prompt_dataset
+from r1jax.data.templates import get_template
 from r1jax.evaluate import evaluate_model
 from r1jax.grpo import GRPOConfig
 from r1jax.metrics import plot_curves, read_jsonl, write_report
-from r1jax.pipeline import RunContext
-from r1jax.rewards import RewardPool, combine
+from r1jax.pipeline import ConfigError, RunContext
+from r1jax.rewards import CombinedReward, RewardPool, combine
 from r1jax.sampling import SamplingConfig
 from r1jax.trainers.loop import run_loop
 from r1jax.trainers.optim import OptimConfig
@@ -27,10 +29,39 @@ from r1jax.trainers.rl import GRPOTrainer, RLConfig
 from r1jax.trainers.sft import SFTConfig, SFTTrainer
 
 
-def optim_config(section, total_steps: int) -> OptimConfig:
-    return OptimConfig(learning_rate=section.learning_rate, warmup_steps=section.warmup_steps,
-                       schedule=section.schedule, total_steps=total_steps, weight_decay=section.weight_decay,
-                       max_grad_norm=section.max_grad_norm)
+def optim_config(section, total_steps: int, updates_per_step: int = 1) -> OptimConfig:
+    """The section's AdamW settings. `warmup_steps` and `total_steps` count trainer steps; the optax
+    schedule counts optimizer updates, `updates_per_step` of them per step (GRPO: μ × minibatches)."""
+    return OptimConfig(learning_rate=section.learning_rate, warmup_steps=section.warmup_steps * updates_per_step,
+                       schedule=section.schedule, total_steps=total_steps * updates_per_step,
+                       weight_decay=section.weight_decay, max_grad_norm=section.max_grad_norm)
+
+
+def pretrain_config(c: ConfigDict) -> SFTConfig:
+    p = c.pretrain
+    return SFTConfig(steps=p.steps, batch_size=p.batch_size, optim=optim_config(p, p.steps),
+                     micro_batches=p.micro_batches, max_length=p.max_length, seed=c.seed)
+
+
+def rl_config(c: ConfigDict, eos_id: int, pad_id: int) -> RLConfig:
+    r, s = c.rl, c.sampling
+    sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                              top_k=s.top_k, eos_ids=(eos_id,), pad_id=pad_id)
+    return RLConfig(steps=r.steps, prompts_per_step=r.prompts_per_step, loss=grpo_config(r, s), sampling=sampling,
+                    optim=optim_config(r, r.steps, r.num_iterations * r.num_minibatches),
+                    num_minibatches=r.num_minibatches, micro_batches=r.micro_batches,
+                    ref_update_every=r.ref_update_every, dynamic_sampling=r.dynamic_sampling,
+                    max_sampling_rounds=r.max_sampling_rounds, chunk_size=r.chunk_size, seed=c.seed)
+
+
+def eval_sampling(c: ConfigDict, eos_id: int, pad_id: int) -> SamplingConfig:
+    e = c.eval
+    return SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                          eos_ids=(eos_id,), pad_id=pad_id)
+
+
+def rewards_of(c: ConfigDict) -> CombinedReward:
+    return combine({name: (name, float(w)) for name, w in c.rl.rewards.items()})
 
 
 def batches_of(items: list[Any], batch_size: int, seed: int):
@@ -44,8 +75,7 @@ def pretrain(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.M
     p, tok = ctx.config.pretrain, ctx.tokenizer
     bos = [tok.bos_id] if tok.bos_id is not None else [tok.eos_id]
     pairs = [(bos, tok.encode(text, add_eos=True)) for text in ctx.corpus()]
-    cfg = SFTConfig(steps=p.steps, batch_size=p.batch_size, optim=optim_config(p, p.steps),
-                    micro_batches=p.micro_batches, max_length=p.max_length, seed=ctx.config.seed)
+    cfg = pretrain_config(ctx.config)
     trainer = SFTTrainer(cfg, model, pad_id=tok.pad_id, mesh=ctx.mesh)
     history = run_loop(trainer, batches_of(pairs, p.batch_size, ctx.config.seed), steps=p.steps, workdir=stage_dir,
                        save_every=ctx.config.checkpoint.every, keep=ctx.config.checkpoint.keep,
@@ -64,8 +94,7 @@ def grpo_config(rl, sampling) -> GRPOConfig:
 def eval_fn(ctx: RunContext, records: list[dict[str, Any]]):
     """Held-out pass@1 (R1 protocol: k samples at temperature 0.6, top-p 0.95) as metrics."""
     e, tok = ctx.config.eval, ctx.tokenizer
-    sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-                              eos_ids=(tok.eos_id,), pad_id=tok.pad_id)
+    sampling = eval_sampling(ctx.config, tok.eos_id, tok.pad_id)
     key = jax.random.key(ctx.config.seed + 1)
 
     def evaluate(trainer) -> dict[str, float]:
@@ -83,14 +112,9 @@ def eval_fn(ctx: RunContext, records: list[dict[str, Any]]):
 
 def rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     c, tok = ctx.config, ctx.tokenizer
-    r, s = c.rl, c.sampling
-    sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                              top_k=s.top_k, eos_ids=(tok.eos_id,), pad_id=tok.pad_id)
-    cfg = RLConfig(steps=r.steps, prompts_per_step=r.prompts_per_step, loss=grpo_config(r, s), sampling=sampling,
-                   optim=optim_config(r, r.steps), num_minibatches=r.num_minibatches, micro_batches=r.micro_batches,
-                   ref_update_every=r.ref_update_every, dynamic_sampling=r.dynamic_sampling,
-                   max_sampling_rounds=r.max_sampling_rounds, chunk_size=r.chunk_size, seed=c.seed)
-    reward = combine({name: (name, float(w)) for name, w in r.rewards.items()})
+    r = c.rl
+    cfg = rl_config(c, tok.eos_id, tok.pad_id)
+    reward = rewards_of(c)
     pool = RewardPool(num_workers=r.reward_workers, timeout=r.reward_timeout) if r.reward_workers else None
     prompts = prompt_dataset(ctx.records("train"), c.data.template, tok, r.prompts_per_step, seed=c.seed,
                              shard_index=jax.process_index(), shard_count=jax.process_count(),
@@ -121,6 +145,56 @@ def _summary(metrics_path: Path) -> dict[str, Any]:
         "base mean length": first.get("eval/length_mean"), "final mean length": last.get("eval/length_mean"),
         "steps": last["step"],
     }
+
+
+def validate_config(c: ConfigDict, names: list[str]) -> None:
+    """Build every section the named stages read, before the tokenizer, data or model cost anything.
+
+    Raises `ConfigError` naming the section (the dataclasses' own checks name the field).
+    """
+    try:
+        ctx = RunContext(c, Path("."))  # builds the mesh only
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from e
+
+    def model():
+        if c.model.hf_path:
+            ctx.initial_model_config()
+        else:  # the tokenizer's vocabulary size is not known yet: check the rest with a stand-in
+            ctx.model_config(vocab_size=c.tokenizer.vocab_size)
+
+    def checkpoint():
+        for name in ("every", "keep"):
+            if not isinstance(c.checkpoint[name], int) or c.checkpoint[name] < 1:
+                raise ValueError(f"checkpoint.{name}={c.checkpoint[name]!r} must be an int >= 1")
+
+    def rl():
+        rl_config(c, 0, 0)
+        rewards_of(c)
+        if c.rl.reward_workers < 0 or not c.rl.reward_timeout > 0:
+            raise ValueError(f"rl.reward_workers={c.rl.reward_workers} must be >= 0 and "
+                             f"rl.reward_timeout={c.rl.reward_timeout} > 0")
+
+    def evaluation():
+        eval_sampling(c, 0, 0)
+        if c.eval.k < 1 or c.eval.every < 0:
+            raise ValueError(f"eval.k={c.eval.k} must be >= 1 and eval.every={c.eval.every} >= 0 (0 = never)")
+
+    def data():
+        get_template(c.data.template)
+        ctx.task_spec  # noqa: B018 - validates the synthetic task's knobs
+
+    checks = {"model": model, "checkpoint": checkpoint, "data": data}
+    if "pretrain" in names:
+        checks["pretrain"] = lambda: pretrain_config(c)
+    if "rl" in names:
+        checks.update(rl=rl, eval=evaluation)
+    for section, check in checks.items():
+        try:
+            check()
+        except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError) as e:
+            reason = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise ConfigError(f"config.{section}: {reason}") from e
 
 
 STAGES = {"pretrain": pretrain, "rl": rl}

@@ -7,6 +7,7 @@ ml_collections' `--config.a.b=value` syntax; an unknown field fails before any w
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import sys
@@ -52,24 +53,64 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
-    from r1jax.pipeline import run_pipeline
-    from r1jax.stages import STAGES
+    from r1jax.pipeline import ConfigError, run_pipeline
+    from r1jax.stages import STAGES, validate_config
     from r1jax.stages_distill import DISTILL_STAGES
     from r1jax.stages_r1 import R1_STAGES
 
     config = FLAGS.config
     workdir = FLAGS.workdir or default_workdir(config)
     print(f"[r1jax] config {config.get('name')}: workdir {workdir}", flush=True)
-    manifests = run_pipeline(config, workdir, {**STAGES, **R1_STAGES, **DISTILL_STAGES})
+    try:
+        manifests = run_pipeline(config, workdir, {**STAGES, **R1_STAGES, **DISTILL_STAGES},
+                                 validate=validate_config)
+    except ConfigError as e:
+        raise SystemExit(f"[r1jax] bad config: {e}") from None
     for name, m in manifests.items():
         print(f"[r1jax] stage {name}: {m.status}, parameters {m.checkpoint}", flush=True)
+
+
+def _unknown_field(argv: list[str]) -> str | None:
+    """The first `--config.a.b` override that names no field of the config, described; None if all exist."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return None
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_r1jax_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(*([arg] if arg else []))
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        name = a[len("--config."):].split("=", 1)[0]
+        node, walked = config, []
+        for part in name.split("."):
+            if not isinstance(node, ConfigDict) or part not in node:
+                known = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+                close = difflib.get_close_matches(part, known, n=1)
+                where = "config." + ".".join(walked) if walked else "the config"
+                hint = f" (did you mean --config.{'.'.join([*walked, close[0]])}?)" if close else ""
+                return f"--config.{name}: {where} has no field {part!r}{hint}; its fields: {known}"
+            node, walked = node[part], [*walked, part]
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError):  # ml_collections' error for an override of a missing field
+        message = _unknown_field(argv)
+        if message is None:
+            raise
+        raise SystemExit(f"[r1jax] bad config: {message}") from None
 
 
 def run() -> None:
     config_flags.DEFINE_config_file("config", None, "configs/NAME.py (or NAME) with get_config()", lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and reports go (default runs/NAME)")
     flags.mark_flag_as_required("config")
-    app.run(main, argv=_rewrite_config_arg(sys.argv))
+    app.run(main, argv=_rewrite_config_arg(sys.argv), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

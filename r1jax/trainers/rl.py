@@ -8,6 +8,10 @@ Two choices keep a step cheap: π_old is the sampler's own `policy_logprobs` (th
 temperature, so no extra forward pass), and the reference model is scored only when β > 0. Every
 random draw derives from (seed, step), and the data iterator's state is checkpointed, so a resumed
 run repeats exactly what an uninterrupted one does.
+
+`perf/flops_per_s` counts model FLOPs from the config (`ModelConfig.flops_per_token`): prefill and
+decode of the real tokens, the reference forward, and 3 × forward per update pass; `perf/mfu`
+divides it by the devices' dense bf16 peak where that is known (not on CPU).
 """
 
 from __future__ import annotations
@@ -24,10 +28,20 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from r1jax.grpo import GRPOConfig, group_advantages
+from r1jax.metrics import peak_flops_per_device
+from r1jax.model import ModelConfig
 from r1jax.rewards import CombinedReward
 from r1jax.sampling import SampleOutput, SamplingConfig, sample_groups
 from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from r1jax.trainers.steps import grpo_objective, make_score_fn, make_update_step, mesh_context, shard_rows
+from r1jax.trainers.steps import (
+    grpo_objective,
+    init_opt_state,
+    make_score_fn,
+    make_update_step,
+    mesh_context,
+    shard_rows,
+    shardings_of,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +72,11 @@ class RLConfig:
         rows = self.prompts_per_step * self.loss.group_size
         if self.steps < 0 or self.prompts_per_step < 1:
             raise ValueError(f"rl.steps={self.steps} must be >= 0 and rl.prompts_per_step={self.prompts_per_step} >= 1")
+        for name in ("num_minibatches", "micro_batches", "max_sampling_rounds", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.{name}={getattr(self, name)} must be >= 1")
+        if self.ref_update_every < 0:
+            raise ValueError(f"rl.ref_update_every={self.ref_update_every} must be >= 0 (0 = never)")
         if rows % self.num_minibatches:
             raise ValueError(f"rl.num_minibatches={self.num_minibatches} must divide prompts_per_step × group_size "
                              f"= {rows}")
@@ -105,14 +124,18 @@ class GRPOTrainer:
         self.optimizer = make_optimizer(config.optim)
         self.schedule = learning_rate_schedule(config.optim)
         loss_cfg = config.loss
+        # Committed to their devices, as every update's outputs are: otherwise step 2 compiles again.
+        params = jax.device_put(params, shardings_of(params))
+        with mesh_context(self.mesh):
+            opt_state = init_opt_state(self.optimizer, params)
         objective = grpo_objective(loss_cfg, temperature=config.sampling.temperature, chunk_size=config.chunk_size)
-        self._update = make_update_step(self.graphdef, self.optimizer, objective, config.micro_batches)
+        self._update = make_update_step(self.graphdef, self.optimizer, objective, config.micro_batches,
+                                        state_shardings=shardings_of((params, opt_state)))
         self._score = make_score_fn(self.graphdef, temperature=config.sampling.temperature,
                                     chunk_size=config.chunk_size)
-        self._opt_init = jax.jit(self.optimizer.init)
-        with mesh_context(self.mesh):
-            opt_state = self._opt_init(params)
         self.params, self.opt_state = params, opt_state
+        self._peak_flops = peak_flops_per_device()
+        self._num_devices = 1 if mesh is None else mesh.size
         self.ref_params = jax.tree.map(jnp.copy, params) if loss_cfg.beta > 0 else None
         self.step_count = 0
         self.key = jax.random.key(config.seed)
@@ -157,6 +180,7 @@ class GRPOTrainer:
         columns: dict[str, list] = {}
         sampled_groups = zero_groups = 0
         texts_all: list[str] = []
+        flops = 0.0
         for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
             batch = batches()
             key = jax.random.fold_in(jax.random.fold_in(self.key, step), round_)
@@ -164,6 +188,7 @@ class GRPOTrainer:
             out = self.sample(batch["prompt_ids"], key)
             jax.block_until_ready(out.tokens)
             times["generate"] = times.get("generate", 0.0) + time.perf_counter() - t
+            flops += generation_flops(self.model_config, np.asarray(out.prompt_mask).sum(1), np.asarray(out.lengths), g)
             t = time.perf_counter()
             rewards, info = self._score_rewards(batch, out)
             times["reward"] = times.get("reward", 0.0) + time.perf_counter() - t
@@ -218,7 +243,30 @@ class GRPOTrainer:
         metrics["train/lr"] = float(self.schedule(self.step_count * updates_per_step - 1))
         metrics["time/step"] = time.perf_counter() - t0
         metrics["tokens_per_s"] = float(host["lengths"].sum()) / metrics["time/step"]
+        # Model FLOPs of the work done on the real rows: reference forward (β > 0) and μ passes of
+        # forward + backward (3 × forward) over prompt + completion, on top of generation.
+        real = host["mask"].any(axis=1)
+        seq = host["prompt_mask"][real].sum(1) + host["lengths"][real]
+        flops += (3 * cfg.loss.num_iterations + (cfg.loss.beta > 0)) * forward_flops(self.model_config, 0, seq)
+        metrics["perf/flops_per_s"] = flops / metrics["time/step"]
+        if self._peak_flops is not None:
+            metrics["perf/mfu"] = metrics["perf/flops_per_s"] / (self._peak_flops * self._num_devices)
         return metrics
+
+
+def forward_flops(cfg: ModelConfig, start, stop) -> float:
+    """Forward FLOPs over the tokens at positions start+1 … stop of each sequence (arrays allowed), each
+    token attending to every position up to its own: Σ flops_per_token(i) = n · flops_per_token(mean i)."""
+    start, stop = np.asarray(start, np.float64), np.asarray(stop, np.float64)
+    return float(np.sum((stop - start) * cfg.flops_per_token((start + stop + 1) / 2)))
+
+
+def generation_flops(cfg: ModelConfig, prompt_lengths: np.ndarray, completion_lengths: np.ndarray,
+                     group_size: int) -> float:
+    """Sampling FLOPs of B = P·G rows: each distinct prompt prefilled once, then one forward per
+    completion token of every row (padding slots and bucketing not counted)."""
+    return (forward_flops(cfg, 0, prompt_lengths[::group_size])
+            + forward_flops(cfg, prompt_lengths, prompt_lengths + completion_lengths))
 
 
 def _host_rows(out: SampleOutput, adv: np.ndarray, rewards: np.ndarray, keep: np.ndarray) -> dict[str, np.ndarray]:
@@ -270,6 +318,7 @@ def _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups
         judged = [v for v in col if v is not None]
         if judged:
             metrics[f"reward/{name}"] = float(np.mean(judged))
+            metrics[f"reward/{name}_std"] = float(np.std(judged))
     stacked = jax.device_get(update_metrics)
     for k in stacked[0]:
         values = np.asarray([m[k] for m in stacked], np.float64)

@@ -19,7 +19,14 @@ from jax.sharding import Mesh
 
 from r1jax.sampling import bucket
 from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from r1jax.trainers.steps import make_update_step, mesh_context, sft_objective, shard_rows
+from r1jax.trainers.steps import (
+    init_opt_state,
+    make_update_step,
+    mesh_context,
+    sft_objective,
+    shard_rows,
+    shardings_of,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +42,9 @@ class SFTConfig:
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"sft.steps={self.steps} must be >= 0 and sft.batch_size={self.batch_size} >= 1")
+        if self.micro_batches < 1 or self.max_length < 2 or self.chunk_size < 1:
+            raise ValueError(f"sft.micro_batches={self.micro_batches}, sft.max_length={self.max_length} and "
+                             f"sft.chunk_size={self.chunk_size} must be >= 1, >= 2 and >= 1")
         if self.batch_size % self.micro_batches:
             raise ValueError(f"sft.micro_batches={self.micro_batches} must divide sft.batch_size={self.batch_size}")
 
@@ -72,10 +82,13 @@ class SFTTrainer:
         self.graphdef, self.params = nnx.split(model)
         self.optimizer = make_optimizer(config.optim)
         self.schedule = learning_rate_schedule(config.optim)
-        self._update = make_update_step(self.graphdef, self.optimizer, sft_objective(chunk_size=config.chunk_size),
-                                        config.micro_batches)
+        # Committed to their devices, as every update's outputs are: otherwise step 2 compiles again.
+        self.params = jax.device_put(self.params, shardings_of(self.params))
         with mesh_context(self.mesh):
-            self.opt_state = jax.jit(self.optimizer.init)(self.params)
+            self.opt_state = init_opt_state(self.optimizer, self.params)
+        self._update = make_update_step(self.graphdef, self.optimizer, sft_objective(chunk_size=config.chunk_size),
+                                        config.micro_batches,
+                                        state_shardings=shardings_of((self.params, self.opt_state)))
         self.step_count = 0
 
     @property

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.grpo import GRPOConfig, batch_counts, chunked_token_logprobs, grpo_loss
 from r1jax.sharding import spec_for
@@ -113,8 +114,14 @@ def accumulate_gradients(graphdef, params, batch: Batch, objective: Objective, m
     return loss, grads, _reduce_metrics(metrics)
 
 
-def make_update_step(graphdef, optimizer: optax.GradientTransformation, objective: Objective, micro_batches: int = 1):
-    """`step(params, opt_state, batch) -> (params, opt_state, metrics)`, jitted, params/opt_state donated."""
+def make_update_step(graphdef, optimizer: optax.GradientTransformation, objective: Objective, micro_batches: int = 1,
+                     *, state_shardings: tuple[Any, Any] | None = None):
+    """`step(params, opt_state, batch) -> (params, opt_state, metrics)`, jitted, params/opt_state donated.
+
+    `state_shardings` = (params, opt_state) shardings: the new state is pinned to them. Left to
+    propagation, the outputs come back with other (if equivalent) specs, e.g. `P('fsdp')` for
+    `P('fsdp', None, None)`, and the next call, seeing new input shardings, compiles again.
+    """
 
     def step(params, opt_state, batch):
         loss, grads, metrics = accumulate_gradients(graphdef, params, batch, objective, micro_batches)
@@ -123,7 +130,24 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, objectiv
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
         return params, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    out_shardings = None if state_shardings is None else (*state_shardings, None)
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params) -> Any:
+    """The optimizer state, created in place: parameter-shaped leaves (Adam's μ, ν) sharded like their
+    parameter, the rest (step counts) replicated. A plain `jit(optimizer.init)` replicates μ and ν on
+    every device, which costs FSDP its memory saving."""
+    first = jax.tree.leaves(params)[0].sharding
+    replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    abstract = jax.eval_shape(optimizer.init, params)
+    shardings = optax.tree_utils.tree_map_params(optimizer, lambda _, p: p.sharding, abstract, params,
+                                                 transform_non_params=lambda _: replicated)
+    return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
+def shardings_of(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def make_score_fn(graphdef, *, temperature: float = 1.0, chunk_size: int = 512):

@@ -1,0 +1,342 @@
+"""`python -m r1jax.train` end to end on a tiny R1-Zero run (pretrain + GRPO), in real processes.
+
+* An uninterrupted run, and a second one that is SIGTERMed during RL (saves, exits 0), resumed, SIGKILLed
+  after a later checkpoint, and resumed again, end with the same metrics.jsonl records (time-dependent
+  values aside) and bit-identical final parameters.
+* A finished pipeline is skipped on a rerun; RL starts from the pretraining stage's parameters.
+* A garbled checkpoint step gives an error naming it, and nothing is deleted.
+* Bad config values fail before any work, naming the field.
+
+The processes share a persistent compilation cache (the first run compiles, the others load), see one
+CPU device and compile with XLA's cheaper backend passes; `LAUNCHER` runs the real CLI, optionally
+slowing each GRPO step so that the test can signal between steps.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from ml_collections import ConfigDict
+
+REPO = Path(__file__).resolve().parents[1]
+RL_STEPS = 6
+CHECKPOINT_EVERY = 4  # steps 4 and 6 are saved on schedule; any other saved step came from SIGTERM
+OVERRIDES = {
+    "model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1,
+    "model.intermediate_size": 64, "model.max_position_embeddings": 128,
+    "tokenizer.vocab_size": 320,
+    "data.template": "r1", "data.train_size": 32, "data.eval_size": 2, "data.max_prompt_length": 64,
+    "pretrain.corpus_size": 100, "pretrain.steps": 2, "pretrain.batch_size": 4, "pretrain.warmup_steps": 0,
+    "pretrain.max_length": 128,
+    "rl.steps": RL_STEPS, "rl.prompts_per_step": 2, "rl.group_size": 2, "rl.warmup_steps": 0, "rl.beta": 0.04,
+    # accuracy and format are 0 for every completion of a model this small, so GRPO would never move it;
+    # the language-consistency score varies with the random text
+    "rl.rewards": {"accuracy": 1.0, "language": 1.0},
+    "sampling.max_new_tokens": 8,
+    "eval.every": 3, "eval.k": 1, "eval.max_new_tokens": 8,
+    "checkpoint.every": CHECKPOINT_EVERY, "checkpoint.keep": 3,
+}
+# Values that depend on the clock, not on the computation.
+UNTIMED = ("time/", "tokens_per_s", "perf/")
+
+LAUNCHER = r"""
+import os, sys, time
+sys.modules["torch"] = None  # tensorboardX imports torch when it can: seconds per process, unused here
+delay = float(os.environ.get("R1JAX_TEST_STEP_DELAY", "0"))
+if delay:
+    from r1jax.trainers import rl
+    _step = rl.GRPOTrainer.step
+    def slow_step(self, batches):
+        time.sleep(delay)
+        return _step(self, batches)
+    rl.GRPOTrainer.step = slow_step
+from r1jax.train import run
+run()
+"""
+
+
+def cli_args(workdir, **extra):
+    values = {**OVERRIDES, **extra}
+    return ["--config=r1zero", f"--workdir={workdir}",
+            *(f"--config.{k}={v!r}" if isinstance(v, dict) else f"--config.{k}={v}" for k, v in values.items())]
+
+
+def override_config(**extra) -> ConfigDict:
+    from configs.r1zero import get_config
+
+    config = get_config()
+    values = {**OVERRIDES, **extra}
+    config.rl.rewards = ConfigDict(values.pop("rl.rewards"))
+    config.update_from_flattened_dict(values)
+    return config
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = dict(os.environ)
+    # one device; cheaper code generation (the runs are compared with each other, not timed)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    flags += ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def start(env, workdir, delay=0.0, **extra):
+    log = open(Path(workdir).parent / f"{Path(workdir).name}.{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, *cli_args(workdir, **extra)], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, env={**env, "R1JAX_TEST_STEP_DELAY": str(delay)})
+    proc.log = log
+    return proc
+
+
+def finish(proc, timeout=300) -> str:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def wait_for(proc, condition, what, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}:\n{finish(proc)[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}:\n{finish(proc)[-3000:]}")
+        time.sleep(0.02)
+
+
+def records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def timeless(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(UNTIMED)} for r in rows]
+
+
+def steps_with(path, key):
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        if key in row:
+            out.append(row["step"])
+    return out
+
+
+def saved_steps(stage_dir):
+    directory = Path(stage_dir) / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def load_params(path):
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(Path(path).absolute())
+
+
+def flat(tree):
+    import jax
+
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def listing(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in Path(root).rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory):
+    """The uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("cli") / "reference"
+    proc = start(env, workdir)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-5000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_metrics_manifests_and_stage_handoff(reference):
+    rows = records(reference / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(RL_STEPS + 1))
+    step = rows[1]
+    for key in ("reward/mean", "reward/std", "reward/accuracy", "reward/accuracy_std", "reward/language",
+                "completion/length_mean", "completion/length_max", "completion/truncated",
+                "groups/zero_std_fraction", "train/kl", "train/clip_frac_low", "train/clip_frac_high",
+                "train/entropy", "train/grad_norm", "train/lr",
+                "time/generate", "time/reward", "time/reference", "time/update", "tokens_per_s",
+                "perf/flops_per_s"):
+        assert key in step, (key, sorted(step))
+    assert "perf/mfu" not in step  # no known peak on CPU
+    assert step["perf/flops_per_s"] > 0 and step["time/reference"] > 0
+    assert {r["step"] for r in rows if "eval/pass1" in r} == {0, 3, 6}
+
+    pre = json.loads((reference / "pretrain" / "manifest.json").read_text())
+    rl = json.loads((reference / "rl" / "manifest.json").read_text())
+    assert pre["status"] == rl["status"] == "done"
+    assert rl["init_param_hash"] == pre["param_hash"] != rl["param_hash"]
+    assert rl["init_checkpoint"] == pre["checkpoint"]
+    assert saved_steps(reference / "rl") == [4, 6]
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_pipeline_skips_every_stage(reference, capsys):
+    from r1jax.pipeline import run_pipeline
+    from r1jax.stages import STAGES, validate_config
+
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    manifests = run_pipeline(override_config(), reference, STAGES, validate=validate_config)
+    out = capsys.readouterr().out
+    assert "stage pretrain: done already" in out and "stage rl: done already" in out
+    assert all(m.status == "done" for m in manifests.values())
+    after = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    changed = [str(p.relative_to(reference)) for p in after if before.get(p) != after[p]]
+    assert changed in ([], ["config.json"]), changed  # the run's config snapshot is rewritten, nothing else
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_sigkill_resumes_to_the_same_run(reference, env, tmp_path):
+    workdir = tmp_path / "interrupted"
+    workdir.mkdir()
+    shutil.copytree(reference / "tokenizer", workdir / "tokenizer")  # the cached sentencepiece model
+    metrics = workdir / "rl" / "metrics.jsonl"
+
+    # 1. SIGTERM once RL step 2 is logged: the step in progress is saved (off the every-4 schedule), exit 0.
+    proc = start(env, workdir, delay=0.5)
+    wait_for(proc, lambda: 2 in steps_with(metrics, "reward/mean"), "RL step 2")
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-5000:]
+    stopped = saved_steps(workdir / "rl")
+    assert len(stopped) == 1 and 2 <= stopped[0] < CHECKPOINT_EVERY, (stopped, out[-3000:])
+    stopped = stopped[0]
+    assert steps_with(metrics, "reward/mean") == list(range(1, stopped + 1))
+    logged = metrics.read_text()
+
+    # 2. Resume; SIGKILL once step 4 is checkpointed (mid-way through step 5).
+    proc = start(env, workdir, delay=0.5)
+    wait_for(proc, lambda: CHECKPOINT_EVERY in saved_steps(workdir / "rl"), f"checkpoint {CHECKPOINT_EVERY}")
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    # it resumed from the SIGTERM checkpoint: the records up to there are kept byte for byte (clock values
+    # included), not recomputed
+    assert metrics.read_text().startswith(logged)
+
+    # 3. A corrupt copy of the killed run: the error names the step, nothing is deleted.
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(workdir, corrupt)
+    step_dir = corrupt / "rl" / "checkpoints" / str(CHECKPOINT_EVERY)
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    files = listing(corrupt)
+    proc = start(env, corrupt)
+    out = finish(proc)
+    assert proc.returncode != 0
+    assert f"checkpoint step {CHECKPOINT_EVERY} in {corrupt / 'rl' / 'checkpoints'} cannot be restored" in out, \
+        out[-3000:]
+    assert f"To resume from step {stopped}" in out and "Nothing was deleted" in out
+    assert [f for f in listing(corrupt) if not f[0].startswith(("rl/metrics", "rl/tensorboard"))] == \
+        [f for f in files if not f[0].startswith(("rl/metrics", "rl/tensorboard"))]
+
+    # 4. Resume to the end: everything as in the uninterrupted run.
+    proc = start(env, workdir)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-5000:]
+    for stage in ("pretrain", "rl"):
+        assert timeless(records(workdir / stage / "metrics.jsonl")) == \
+            timeless(records(reference / stage / "metrics.jsonl")), stage
+    ours, theirs = flat(load_params(workdir / "rl" / "final")), flat(load_params(reference / "rl" / "final"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    manifest = json.loads((workdir / "rl" / "manifest.json").read_text())
+    assert manifest["param_hash"] == json.loads((reference / "rl" / "manifest.json").read_text())["param_hash"]
+
+
+# ------------------------------------------------------------------------------------ bad configs
+
+
+def run_cli(env, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "r1jax.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.rl.betaa=0.1", "--config.rl.betaa: config.rl has no field 'betaa' (did you mean --config.rl.beta?)"),
+    ("--config.rll.beta=0.1", "the config has no field 'rll' (did you mean --config.rl?)"),
+])
+def test_cli_names_an_unknown_field(env, tmp_path, override, message):
+    result = run_cli(env, "--config=r1zero", f"--workdir={tmp_path / 'w'}", override)
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_names_an_unknown_config(env, tmp_path):
+    result = run_cli(env, "--config=nonexistent", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 1
+    assert "--config=nonexistent: no such config; known: [" in result.stderr and "'r1zero'" in result.stderr
+
+
+def test_cli_reports_a_bad_value_before_any_work(env, tmp_path):
+    result = run_cli(env, "--config=r1zero", f"--workdir={tmp_path / 'w'}", "--config.rl.group_size=1")
+    assert result.returncode == 1
+    assert "[r1jax] bad config: config.rl: GRPOConfig.group_size=1 must be an int >= 2" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rl.group_size": 1}, "config.rl: GRPOConfig.group_size=1 must be an int >= 2"),
+    ({"rl.prompts_per_step": 3, "rl.group_size": 2, "rl.num_minibatches": 4},
+     "config.rl: rl.num_minibatches=4 must divide prompts_per_step × group_size = 6"),
+    ({"rl.num_minibatches": 0}, "config.rl: rl.num_minibatches=0 must be >= 1"),
+    ({"rl.micro_batches": 3}, "rl.micro_batches=3 must divide the minibatch of 4 completions"),
+    ({"rl.preset": "foo"}, "config.rl: preset='foo' must be one of"),
+    ({"rl.schedule": "linear"}, "config.rl: optim.schedule='linear'"),
+    ({"rl.rewards": {"acuracy": 1.0}}, "config.rl: unknown reward 'acuracy'"),
+    ({"pretrain.micro_batches": 3}, "config.pretrain: sft.micro_batches=3 must divide sft.batch_size=4"),
+    ({"sampling.temperature": 0.0}, "config.rl: sampling.temperature=0.0 must be a finite number > 0"),
+    ({"eval.top_p": 0.0}, "config.eval: sampling.top_p=0.0 must be in (0, 1]"),
+    ({"model.num_heads": 3}, "config.model: "),
+    ({"data.template": "nope"}, "config.data: "),
+    ({"checkpoint.every": 0}, "config.checkpoint: checkpoint.every=0 must be an int >= 1"),
+    ({"mesh.fsdp": 3}, "config.mesh: mesh shape (1, 3, 1)"),
+    ({"stages": "pretrain,foo"}, "config.stages='pretrain,foo': unknown stage(s) ['foo']"),
+])
+def test_bad_values_fail_before_any_work(tmp_path, monkeypatch, changes, message):
+    from r1jax.pipeline import ConfigError, run_pipeline
+    from r1jax.stages import STAGES, validate_config
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("validation came too late: the run started building things")
+
+    monkeypatch.setattr("r1jax.pipeline.RunContext.tokenizer", property(no_work))
+    monkeypatch.setattr("r1jax.pipeline.init_model", no_work)
+    config = override_config(**changes)
+    with pytest.raises(ConfigError) as raised:
+        run_pipeline(config, tmp_path / "w", STAGES, validate=validate_config)
+    assert message in str(raised.value)
+    assert not (tmp_path / "w").exists()

@@ -1,0 +1,303 @@
+"""The GRPO and SFT trainers in-process on a char-level toy task: 1 device vs a 2x2x2 mesh, micro-batches
+and minibatches against one big batch, mean reward going up, the FLOP metrics, and the non-finite guard.
+
+The toy task: prompts are random strings over a 9-letter alphabet; the reward is the fraction of the 8
+completion slots that hold the letter "a" (≈ 1/12 for the initial policy, 1 when every token is "a").
+Parameters are drawn on the host, so no init program is compiled; the runs that need the same compiled
+steps share one trainer.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from r1jax.checkpoint import NonFiniteError
+from r1jax.grpo import GRPOConfig
+from r1jax.model import ModelConfig, abstract_model, shard_model
+from r1jax.rewards import combine
+from r1jax.sampling import SamplingConfig
+from r1jax.sharding import make_mesh
+from r1jax.trainers.loop import run_loop
+from r1jax.trainers.optim import OptimConfig, make_optimizer
+from r1jax.trainers.rl import GRPOTrainer, RLConfig, forward_flops, generation_flops
+from r1jax.trainers.sft import sft_batch
+from r1jax.trainers.steps import grpo_objective, init_opt_state, make_update_step, sft_objective
+
+NEW_TOKENS = 8
+LEARN_STEPS = 16
+
+
+class CharTokenizer:
+    """pad 0, bos 1, eos 2, then one id per letter."""
+
+    alphabet = "abcdefghi"
+    pad_id, bos_id, eos_id = 0, 1, 2
+    vocab_size = 3 + len(alphabet)
+
+    def encode(self, text, *, add_bos=False, add_eos=False):
+        return [self.bos_id] * add_bos + [3 + self.alphabet.index(c) for c in text] + [self.eos_id] * add_eos
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i - 3] for i in ids if i >= 3)
+
+
+def fraction_of_a(prompts, completions, **fields):
+    return [c.count("a") / NEW_TOKENS for c in completions]
+
+
+MODEL = ModelConfig(CharTokenizer.vocab_size, 32, 1, 2, 1, 64, max_position_embeddings=32)
+
+
+class PromptStream:
+    """Seeded random prompts, `n` per call, with a grain-like `get_state`/`set_state`."""
+
+    def __init__(self, n, seed=0):
+        self.n, self.seed, self.calls = n, seed, 0
+
+    def __call__(self):
+        rng = np.random.default_rng([self.seed, self.calls])
+        self.calls += 1
+        tok = CharTokenizer()
+        texts = ["".join(rng.choice(list(tok.alphabet), size=rng.integers(2, 6))) for _ in range(self.n)]
+        return {"prompt": texts, "prompt_ids": [tok.encode(t, add_bos=True) for t in texts]}
+
+    __next__ = __call__
+
+    def __iter__(self):
+        return self
+
+    def get_state(self):
+        return {"calls": self.calls}
+
+    def set_state(self, state):
+        self.calls = state["calls"]
+
+
+def rl_config(**changes):
+    tok = CharTokenizer()
+    base = dict(
+        steps=LEARN_STEPS, prompts_per_step=4,
+        # β > 0 (a reference model), μ = 2 passes, 2 minibatches, 2 micro-batches each: every path at once
+        loss=GRPOConfig(group_size=4, beta=0.04, num_iterations=2), num_minibatches=2, micro_batches=2,
+        sampling=SamplingConfig(max_new_tokens=NEW_TOKENS, eos_ids=(tok.eos_id,), pad_id=tok.pad_id),
+        optim=OptimConfig(learning_rate=3e-3, max_grad_norm=1.0), seed=0,
+    )
+    return RLConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def initial():
+    """graphdef and seeded parameters drawn on the host (norm scales 1, matrices N(0, 0.1²))."""
+    graphdef, abstract = abstract_model(MODEL)
+    rng = np.random.default_rng(0)
+
+    def leaf(path, x):
+        if "scale" in jax.tree_util.keystr(path):
+            return np.ones(x.shape, x.dtype)
+        return (0.1 * rng.standard_normal(x.shape)).astype(x.dtype)
+
+    return graphdef, jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def model_from(initial, mesh=None):
+    graphdef, state = initial
+    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+    return model if mesh is None else shard_model(model, mesh)
+
+
+def grpo_trainer(initial, config=None, mesh=None):
+    reward = combine({"a": (fraction_of_a, 1.0)})
+    return GRPOTrainer(config or rl_config(), model_from(initial, mesh), CharTokenizer(), reward, mesh=mesh)
+
+
+def reset(trainer, initial):
+    """Back to step 0 with fresh state, keeping the trainer's compiled programs."""
+    params = jax.device_put(nnx.state(model_from(initial)), jax.devices()[0])  # committed, like the trainer's
+    trainer.load_train_state({"params": params, "opt_state": init_opt_state(trainer.optimizer, params),
+                              "ref_params": jax.tree.map(jnp.copy, params)})
+    trainer.step_count = 0
+
+
+def host(tree):
+    return [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(tree)]
+
+
+def max_rel_diff(a, b):
+    return max(float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-12)) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def single(initial):
+    """The default-device run: the trainer, its metrics per step and its parameters after 3 steps."""
+    trainer = grpo_trainer(initial)
+    stream = PromptStream(trainer.config.prompts_per_step)
+    history, after3 = [], None
+    for _ in range(LEARN_STEPS):
+        history.append(trainer.step(stream))
+        if trainer.step_count == 3:
+            after3 = host(trainer.params)
+    updates = {int(x) for x in jax.tree.leaves(trainer.opt_state) if np.ndim(x) == 0}
+    # (later tests reset and reuse the trainer: what they check of this run is taken now)
+    return trainer, history, after3, {"updates": updates, "compiles": trainer._update._cache_size()}
+
+
+# ------------------------------------------------------------------------------------ sharding
+
+
+@pytest.mark.slow
+def test_three_grpo_steps_match_on_one_device_and_on_a_2x2x2_mesh(initial, single):
+    trainer, history, after3, _ = single
+    mesh = make_mesh(2, 2, 2)
+    sharded = grpo_trainer(initial, mesh=mesh)
+    stream = PromptStream(sharded.config.prompts_per_step)
+    sharded_history = [sharded.step(stream) for _ in range(3)]
+    # really spread over the 8 devices: the embedding over fsdp × tensor, Adam's moments like the parameters
+    embed = sharded.params["embed"][...]
+    assert len(embed.sharding.device_set) == 8 and embed.sharding.shard_shape(embed.shape) != embed.shape
+    mu = sharded.opt_state[1][0].mu["embed"][...]
+    assert mu.sharding.is_equivalent_to(embed.sharding, embed.ndim)
+    assert sharded._update._cache_size() == 1  # the new state keeps its shardings: no recompile per step
+    assert max_rel_diff(host(sharded.params), after3) <= 1e-5
+    for a, b in zip(history[:3], sharded_history, strict=True):
+        assert a["reward/mean"] == b["reward/mean"]
+        np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-4, atol=1e-6)
+    # the parameters moved, so the comparison is not between two copies of the initial state
+    assert max_rel_diff(after3, host(initial[1])) > 1e-3
+
+
+@pytest.mark.slow  # the shared single-device run takes ~20-50 s to compile and run
+def test_each_step_runs_mu_times_minibatches_updates_and_compiles_once(single):
+    _, history, _, run = single
+    assert run["updates"] == {LEARN_STEPS * 2 * 2}
+    assert run["compiles"] == 1  # the new state keeps its shardings: no recompile per step
+    for m in history:
+        assert np.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0
+        assert m["train/kl"] >= 0 and 0 <= m["train/clip_frac_low"] <= 1 and 0 <= m["train/clip_frac_high"] <= 1
+
+
+# ------------------------------------------------------------------------------------ learning
+
+
+@pytest.mark.slow  # the shared single-device run takes ~20-50 s to compile and run
+def test_grpo_raises_the_mean_reward_on_the_toy_task(single):
+    _, history, _, _ = single
+    rewards = [m["reward/mean"] for m in history]
+    # the initial policy writes about 1/12 "a"; over 16 × 8 tokens chance moves the mean by ~0.025
+    assert np.mean(rewards[:2]) < 0.2, rewards
+    assert np.mean(rewards[-4:]) > 0.8, rewards
+    assert history[-1]["reward/a"] == rewards[-1] and history[-1]["reward/a_std"] >= 0
+
+
+# ------------------------------------------------------------------------------------ micro-batches
+
+
+def grpo_batch(rows=8, slots=8, n=NEW_TOKENS, seed=0):
+    """A batch with ragged prompts and completions (one row fully masked) and π_old, π_ref ≠ π_θ."""
+    rng = np.random.default_rng(seed)
+    prompt_len, completion_len = rng.integers(1, slots + 1, rows), rng.integers(1, n + 1, rows)
+    completion_len[3] = 0
+    batch = {
+        "prompt_tokens": rng.integers(3, MODEL.vocab_size, (rows, slots)).astype(np.int32),
+        "prompt_mask": np.arange(slots)[None] < prompt_len[:, None],
+        "tokens": rng.integers(3, MODEL.vocab_size, (rows, n)).astype(np.int32),
+        "mask": np.arange(n)[None] < completion_len[:, None],
+        "advantages": rng.standard_normal(rows).astype(np.float32),
+        "old_logp": (np.log(1 / MODEL.vocab_size) + 0.3 * rng.standard_normal((rows, n))).astype(np.float32),
+        "ref_logp": (np.log(1 / MODEL.vocab_size) + 0.3 * rng.standard_normal((rows, n))).astype(np.float32),
+    }
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+# What is compared is the program's arithmetic, not XLA's code generation: a cheaper backend pass
+# makes the six compiles of this test about 2.5x faster on CPU.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def one_update(initial, objective, batch, micro_batches):
+    graphdef, state = initial
+    params = jax.tree.map(jnp.asarray, state)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, max_grad_norm=0.0))
+    opt_state = optimizer.init(params)
+    step = make_update_step(graphdef, optimizer, objective, micro_batches)
+    step = step.lower(params, opt_state, batch).compile(compiler_options=FAST_COMPILE)
+    params, _, metrics = step(params, opt_state, batch)
+    return host(params), jax.device_get(metrics)
+
+
+@pytest.mark.slow
+def test_micro_batches_give_the_one_big_batch_update(initial):
+    loss = GRPOConfig(group_size=4, beta=0.04, epsilon_low=0.1, epsilon_high=0.1)
+    cases = {
+        "grpo": (grpo_objective(loss, temperature=1.0, chunk_size=4), grpo_batch()),
+        "sft": (sft_objective(chunk_size=4), {k: jnp.asarray(v) for k, v in sft_batch(
+            [([1, 3, 4], [5, 6, 7, 2]), ([1], [3, 2]), ([1, 9, 9, 9, 9], [4] * 9), ([1, 5], [2])] * 2,
+            pad_id=0, max_length=32).items()}),
+    }
+    for name, (objective, batch) in cases.items():
+        reference, ref_metrics = one_update(initial, objective, batch, 1)
+        assert max_rel_diff(reference, host(initial[1])) > 1e-4, name  # the update does something
+        for m in (2, 4):
+            params, metrics = one_update(initial, objective, batch, m)
+            assert max_rel_diff(params, reference) <= 1e-6, (name, m)
+            np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6, err_msg=f"{name} {m}")
+            np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+        if name == "grpo":  # the clipped ratios were really exercised
+            assert ref_metrics["clip_frac_low"] + ref_metrics["clip_frac_high"] > 0
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def test_forward_flops_sum_flops_per_token_over_positions():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        start, stop = sorted(rng.integers(0, 100, 2))
+        brute = sum(MODEL.flops_per_token(i) for i in range(start + 1, stop + 1))
+        assert forward_flops(MODEL, start, stop) == pytest.approx(brute, rel=1e-12)
+    # prefill once per distinct prompt, then one forward per completion token of each of the G rows
+    prompts, completions = np.array([5, 5, 5, 7, 7, 7]), np.array([1, 4, 0, 2, 2, 3])
+    expected = (forward_flops(MODEL, 0, 5) + forward_flops(MODEL, 0, 7)
+                + sum(forward_flops(MODEL, p, p + c) for p, c in zip(prompts, completions, strict=True)))
+    assert generation_flops(MODEL, prompts, completions, 3) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.slow  # the shared single-device run takes ~20-50 s to compile and run
+def test_step_reports_flops_per_second_and_mfu_when_the_peak_is_known(initial, single, monkeypatch):
+    trainer, history, _, _ = single
+    assert all(m["perf/flops_per_s"] > 0 and "perf/mfu" not in m for m in history)  # CPU: no known peak
+    reset(trainer, initial)
+    monkeypatch.setattr(trainer, "_peak_flops", 1e12)
+    m = trainer.step(PromptStream(trainer.config.prompts_per_step))
+    assert m["perf/mfu"] == pytest.approx(m["perf/flops_per_s"] / 1e12)
+
+
+# ------------------------------------------------------------------------------------ non-finite
+
+
+@pytest.mark.slow  # the shared single-device run takes ~20-50 s to compile and run
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(initial, single, tmp_path):
+    trainer, _, _, _ = single
+    reset(trainer, initial)
+    real_step = trainer.step
+
+    def step(batches):
+        if trainer.step_count == 2:  # poison a weight: the real step then computes a NaN loss
+            scale = trainer.params["final_norm"]["scale"]
+            scale.set_value(scale[...].at[0].set(jnp.nan))
+        return real_step(batches)
+
+    trainer.step = step
+    try:
+        with pytest.raises(NonFiniteError, match=r"step 3: non-finite metrics \[.*'train/loss'") as raised:
+            run_loop(trainer, PromptStream(trainer.config.prompts_per_step), steps=6, workdir=tmp_path,
+                     save_every=1, keep=5)
+    finally:
+        del trainer.step
+    assert "the last good checkpoint is kept" in str(raised.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
