@@ -6,6 +6,7 @@ the sampler's code paths: completions are re-scored by full forwards over compac
 """
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -205,6 +206,25 @@ def test_logprobs_equal_a_full_forward_recompute(split_model, full_logits, tempe
         np.testing.assert_array_equal(out.logprobs, out.policy_logprobs)
     # The G samples of one prompt share its prefill but are drawn independently.
     assert not np.array_equal(tokens[0], tokens[1])
+
+
+def test_each_prompt_is_prefilled_once_for_its_group(split_model):
+    """The traced program holds [P, L, D] hidden states (prefill) and never [P·G, L, D] ones."""
+    graphdef, state = split_model
+    tokens, lengths = sampling.pad_prompts(PROMPTS[:2], min_length=16)  # P = 2, L = 16
+    program = jax.make_jaxpr(lambda st, t, n: sampling._generate(graphdef, st, t, n, jax.random.key(0), GREEDY,
+                                                                 group_size=4, phases=(N,)))
+    shapes = set()
+
+    def collect(jaxpr):
+        for eqn in jaxpr.eqns:
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                collect(sub)
+
+    collect(program(state, tokens, lengths).jaxpr)
+    assert (2, 16, CFG.hidden_size) in shapes and (8, 16, CFG.hidden_size) not in shapes
+    assert (8, 1, CFG.hidden_size) in shapes  # decode runs on all P·G rows
 
 
 def test_same_key_same_output_other_key_other_output(split_model):
