@@ -41,7 +41,7 @@ def sft_section(**overrides) -> ConfigDict:
 def filters(**overrides) -> ConfigDict:
     """r1jax.data.filters.FilterConfig fields (target language: data.target_language)."""
     base = dict(require_correct=True, require_format="r1", max_paragraph_chars=1000, drop_code_blocks=True,
-                max_chars=0)
+                max_chars=0, check_arithmetic=True)
     return ConfigDict({**base, **overrides})
 
 
@@ -79,8 +79,8 @@ def get_config() -> ConfigDict:
         min_steps=2, max_steps=3, max_operand=9, max_value=99,
     ))
     c.pretrain = ConfigDict(dict(
-        corpus_size=6000, correct_fraction=0.5, mix_fraction=0.5, mix_language="zh", steps=400, batch_size=32,
-        learning_rate=1e-3, warmup_steps=40, schedule="cosine", weight_decay=0.0, max_grad_norm=1.0,
+        corpus_size=6000, correct_fraction=0.7, mix_fraction=0.5, mix_language="zh", steps=500, batch_size=32,
+        learning_rate=2e-3, warmup_steps=30, schedule="cosine", weight_decay=0.0, max_grad_norm=1.0,
         max_length=96, micro_batches=1,
     ))
     c.cold_start = sft_section(
@@ -91,7 +91,7 @@ def get_config() -> ConfigDict:
         steps=80,
     )
     c.reasoning_rl = grpo_section(
-        steps=30, rewards=ConfigDict({"accuracy": 1.0, "r1_format": 1.0, "language": 1.0}),
+        steps=30, learning_rate=2e-4, rewards=ConfigDict({"accuracy": 1.0, "r1_format": 1.0, "language": 1.0}),
     )
     c.rejection_sft = sft_section(
         init="base",  # R1 retrains the base model on the rejection-sampled data; "previous" continues

@@ -159,29 +159,40 @@ def student_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx
             raise ValueError(f"student_rl.budget_from={s.budget_from!r}: that stage has not finished in {ctx.workdir}")
         budget = float(manifest.metrics[key])
     clock = time.time if s.budget_clock == "wall" else time.process_time
+    # Budget accounting survives a restart: time already spent and the measured cost of a step.
+    ledger_file = stage_dir / "budget.json"
+    ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {"used": 0.0, "step_cost": None}
     start = clock()
     reward = combine({name: (name, float(w)) for name, w in s.rewards.items() if float(w)})
     run = GRPORun(ctx, model, stage_dir, s, reasoning_records(ctx, "train"), reward, s.template)
+    ledger["used"] += clock() - start
     history: list[dict[str, float]] = []
-    try:
-        # Calibrate on a few steps (the first one compiles, and is in the budget as it is in distill's),
-        # then fill what is left of the budget at the measured cost per step, re-measuring as we go.
-        history += run.run(min(1, s.steps))
+
+    def segment(target: int) -> None:
         mark, done = clock(), run.trainer.step_count
-        history += run.run(min(max(s.calibration_steps, 2), s.steps))
-        step_cost = (clock() - mark) / max(1, run.trainer.step_count - done)
-        while run.trainer.step_count < s.steps:
-            more = int((budget - (clock() - start)) / step_cost)
+        history.extend(run.run(min(target, s.steps)))
+        spent, ran = clock() - mark, run.trainer.step_count - done
+        ledger["used"] += spent
+        if ran and done:  # the segment starting at step 0 compiles: not a step's cost
+            ledger["step_cost"] = spent / ran
+        if jax.process_index() == 0:
+            ledger_file.write_text(json.dumps(ledger))
+
+    try:
+        # Calibrate on a few steps (the first compiles, and is in the budget as it is in distill's),
+        # then fill what is left of the budget at the measured cost per step, re-measuring as we go.
+        segment(1)
+        segment(max(s.calibration_steps, 2))
+        while run.trainer.step_count < s.steps and ledger["step_cost"]:
+            more = int((budget - ledger["used"]) / ledger["step_cost"])
             if more < 1:
                 break
-            mark, done = clock(), run.trainer.step_count
-            history += run.run(min(s.steps, done + more))
-            step_cost = (clock() - mark) / max(1, run.trainer.step_count - done)
+            segment(run.trainer.step_count + more)
     finally:
         run.close()
     trainer = run.trainer
-    metrics = {"rl/budget_clock": s.budget_clock, "rl/budget": budget, "rl/used": clock() - start,
-               "rl/steps": trainer.step_count, "rl/step_cost": step_cost, "rl/wall_s": time.time() - t0,
+    metrics = {"rl/budget_clock": s.budget_clock, "rl/budget": budget, "rl/used": ledger["used"],
+               "rl/steps": trainer.step_count, "rl/step_cost": ledger["step_cost"], "rl/wall_s": time.time() - t0,
                "rl/cpu_s": time.process_time() - cpu0}
     print(f"[r1jax] student_rl: {trainer.step_count} GRPO steps in {metrics['rl/used']:.0f} {s.budget_clock} s "
           f"(budget {budget:.0f} s)", flush=True)

@@ -132,7 +132,8 @@ def filter_config(section, c) -> FilterConfig:
     f = section.filters
     return FilterConfig(target_language=c.data.get("target_language", "en"),
                         max_paragraph_chars=f.max_paragraph_chars, drop_code_blocks=f.drop_code_blocks,
-                        require_correct=f.require_correct, require_format=f.require_format, max_chars=f.max_chars)
+                        require_correct=f.require_correct, require_format=f.require_format, max_chars=f.max_chars,
+                        check_arithmetic=f.get("check_arithmetic", True))
 
 
 # ------------------------------------------------------------------------------------ sampling & grading

@@ -11,6 +11,7 @@ from r1jax.data.filters import (
     long_paragraph,
     mixed_language,
     reject_reason,
+    wrong_equations,
 )
 from r1jax.rewards import combine, get_reward
 from r1jax.rewards.preference import (
@@ -96,6 +97,19 @@ def test_code_block_filter():
     assert reject_reason(sample(fenced), FilterConfig(drop_code_blocks=False)) is None
 
 
+# ------------------------------------------------------------------------------------ lucky answers
+
+
+def test_wrong_equations():
+    assert wrong_equations("7+5=12, 12*3=36, 36-40=-4") == 0
+    assert wrong_equations("6+2=7, 7-8=0") == 2  # the answer 0 is "right" by luck
+    assert wrong_equations("3 × 4 = 12 and 10 - 3 = 8") == 1
+    assert wrong_equations("x+1=2, 1.5+1=2.5, 12+1=135 is not 13") == 1  # floats and variables are not checked
+    lucky = sample(f"{S} 6+2=7, 7-8=0 {S} The answer is \\boxed{{0}}.")
+    assert reject_reason(lucky) == "wrong_step"
+    assert reject_reason(lucky, FilterConfig(check_arithmetic=False)) is None
+
+
 # ------------------------------------------------------------------------------------ whole samples
 
 
@@ -112,8 +126,8 @@ def test_reject_reason_order_and_counts():
     ]
     kept, counts = filter_samples(samples, FilterConfig(), per_prompt=1)
     assert [k["completion"] for k in kept] == [CLEAN, CLEAN.replace("36", "36 ")]
-    assert counts == {"seen": 8, "kept": 2, "incorrect": 1, "format": 1, "mixed_language": 1, "long_paragraph": 0,
-                      "code_block": 1, "too_long": 0, "duplicate": 1, "per_prompt_cap": 1}
+    assert counts == {"seen": 8, "kept": 2, "incorrect": 1, "format": 1, "wrong_step": 0, "mixed_language": 1,
+                      "long_paragraph": 0, "code_block": 1, "too_long": 0, "duplicate": 1, "per_prompt_cap": 1}
 
 
 def test_incorrect_comes_first_and_ungraded_samples():
@@ -187,7 +201,7 @@ def test_preference_model_is_pluggable():
 
 def test_only_for_routes_by_kind_and_combines():
     prompts = ["q1", "q2", "q3"]
-    completions = [f"{S} 7+5=12 {S} The answer is \\boxed{{12}}.", "Hello! How can I help you?", "12"]
+    completions = [f"{S} 7+5=12 {S} The answer is \\boxed{{12}}.", "Hello! How can I help you?", "\\boxed{12}"]
     fields = {"kind": ["reasoning", "general", None], "answer": ["12", None, "12"],
               "reference": [None, "Hello! How can I help you?", None]}
     reward = combine({"accuracy": (only_for("reasoning", get_reward("accuracy")), 1.0),

@@ -12,6 +12,9 @@ cold-start builder, the rejection-sampling stage and distillation agree on one d
   `max_chars`. The paper gives no threshold; `FilterConfig.max_paragraph_chars` is ours.
 * `code_block(text)`: a fenced (```/~~~) block or an HTML `<pre>`/`<code>` element. Indented
   blocks are not detected: in math text indentation is too often something else.
+* `wrong_equations(cot)`: integer equations `a op b = c` in the CoT that are false — a right final
+  answer reached through a wrong step (luck). Ours, not the paper's: rule rewards grade the final
+  answer only, and such traces would teach wrong arithmetic.
 
 `reject_reason(sample, config)` names the first rule a sample breaks (or None); `filter_samples`
 applies it to a list and counts the reasons, which the stages write to their manifests.
@@ -28,11 +31,14 @@ from typing import Any
 from r1jax.data.templates import DEFAULT_SPECIAL_TOKEN, parse_cold_start, parse_r1_zero
 from r1jax.rewards.language import LANGUAGE_SCRIPTS, count_words_by_script
 
-REASONS = ("incorrect", "format", "mixed_language", "long_paragraph", "code_block", "too_long", "duplicate")
+REASONS = ("incorrect", "format", "wrong_step", "mixed_language", "long_paragraph", "code_block", "too_long",
+           "duplicate")
 
 _FENCE = re.compile(r"(?m)^[ \t]*(```|~~~)")
 _HTML_CODE = re.compile(r"<(pre|code)\b[^>]{0,64}>", re.IGNORECASE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+# An integer equation `a op b = c` (op one of + - * ×), not preceded or followed by more digits.
+_EQUATION = re.compile(r"(?<![\d.])(-?\d{1,12})\s*([-+*×])\s*(-?\d{1,12})\s*=\s*(-?\d{1,24})(?![\d.])")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +55,7 @@ class FilterConfig:
       require_format: the completion must parse in `format` ("r1": special-token reasoning and
         summary; "r1_zero": think/answer tags; "any": either; "none": no check).
       max_chars: longest completion allowed (0 disables).
+      check_arithmetic: drop CoTs with a false integer equation (`wrong_equations`).
       dedupe: keep one copy of identical (prompt, completion) pairs.
     """
 
@@ -58,6 +65,7 @@ class FilterConfig:
     require_correct: bool = True
     require_format: str = "r1"
     max_chars: int = 0
+    check_arithmetic: bool = True
     dedupe: bool = True
     special_token: str = DEFAULT_SPECIAL_TOKEN
 
@@ -107,6 +115,12 @@ def code_block(text: str) -> bool:
     return bool(_FENCE.search(text) or _HTML_CODE.search(text))
 
 
+def wrong_equations(text: str) -> int:
+    """How many integer equations `a op b = c` (+, -, *, ×) in `text` are false."""
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "×": lambda a, b: a * b}
+    return sum(ops[op](int(a), int(b)) != int(c) for a, op, b, c in _EQUATION.findall(text))
+
+
 def follows_format(completion: str, fmt: str, special_token: str = DEFAULT_SPECIAL_TOKEN) -> bool:
     if fmt == "none":
         return True
@@ -136,6 +150,8 @@ def reject_reason(sample: Mapping[str, Any], config: FilterConfig = FilterConfig
         return "format"
     parts = split_reasoning(completion, config.special_token)
     cot = parts[0] if parts is not None else completion
+    if config.check_arithmetic and wrong_equations(cot):
+        return "wrong_step"
     if config.target_language is not None and mixed_language(cot, config.target_language):
         return "mixed_language"
     if long_paragraph(completion, config.max_paragraph_chars):
