@@ -284,6 +284,48 @@ def _noisy_trace(example: dict[str, Any], kind: str, rng: random.Random, templat
     raise ValueError(f"noise kind={kind!r} must be one of {NOISE_KINDS}")
 
 
+def corpus_pairs(
+    n: int,
+    seed: int = 0,
+    *,
+    correct_fraction: float = 0.5,
+    noise_kinds: Sequence[str] = NOISE_KINDS,
+    mix_fraction: float = 0.0,
+    mix_language: str = "zh",
+    template: str = "r1_zero",
+    spec: TaskSpec = TaskSpec(),
+) -> list[tuple[str, str]]:
+    """`n` (prompt, completion) pairs over *train-split* problems; `corpus` joins them with a space.
+
+    Args:
+      n: number of pairs (problems are drawn from `generate("train", n, seed)`).
+      correct_fraction: share of pairs whose completion is the correct worked solution; the rest
+        use one of `noise_kinds`, uniformly (repeat a kind to weight it): "slip" (a wrong step
+        carried forward, or a wrong countdown operator), "truncated" (one step short, answering an
+        intermediate value), "unformatted" (the right chain as plain text, no tags), "no_think"
+        (the answer alone).
+      mix_fraction: share of the *correct* completions whose reasoning carries filler words in
+        `mix_language` (so mixing correlates with correctness; see the module docstring).
+      template: the prompt/response format ("r1_zero" or "r1").
+    """
+    if not 0.0 <= correct_fraction <= 1.0 or not 0.0 <= mix_fraction <= 1.0:
+        raise ValueError(
+            f"correct_fraction={correct_fraction} and mix_fraction={mix_fraction} must lie in [0, 1]"
+        )
+    if correct_fraction < 1.0 and (not noise_kinds or set(noise_kinds) - set(NOISE_KINDS)):
+        raise ValueError(f"noise_kinds={tuple(noise_kinds)} must be a non-empty subset of {NOISE_KINDS}")
+    rng = random.Random(f"r1jax.synthetic.corpus:{seed}")
+    pairs = []
+    for example in generate("train", n, seed, spec):
+        if rng.random() < correct_fraction:
+            mix = mix_language if rng.random() < mix_fraction else None
+            completion = solution_trace(example, template=template, mix_language=mix, rng=rng)
+        else:
+            completion = _noisy_trace(example, rng.choice(tuple(noise_kinds)), rng, template)
+        pairs.append((format_prompt(template, example["question"]), completion))
+    return pairs
+
+
 def corpus(
     n: int,
     seed: int = 0,
@@ -297,36 +339,12 @@ def corpus(
 ) -> list[str]:
     """`n` pretraining texts over *train-split* problems: prompt + (possibly flawed) completion.
 
-    Args:
-      n: number of texts (problems are drawn from `generate("train", n, seed)`).
-      correct_fraction: share of texts whose completion is the correct worked solution; the rest
-        use one of `noise_kinds`, uniformly: "slip" (a wrong step carried forward, or a wrong
-        countdown operator), "truncated" (one step short, answering an intermediate value),
-        "unformatted" (the right chain as plain text, no tags), "no_think" (the answer alone).
-      mix_fraction: share of the *correct* texts whose reasoning carries filler words in
-        `mix_language` (so mixing correlates with correctness; see the module docstring).
-      template: the prompt/response format ("r1_zero" or "r1"), or None for completions only.
+    The arguments are `corpus_pairs`'; `template=None` gives the (r1_zero) completions alone.
     """
-    if not 0.0 <= correct_fraction <= 1.0 or not 0.0 <= mix_fraction <= 1.0:
-        raise ValueError(
-            f"correct_fraction={correct_fraction} and mix_fraction={mix_fraction} must lie in [0, 1]"
-        )
-    if correct_fraction < 1.0 and (not noise_kinds or set(noise_kinds) - set(NOISE_KINDS)):
-        raise ValueError(f"noise_kinds={tuple(noise_kinds)} must be a non-empty subset of {NOISE_KINDS}")
-    response_template = template or "r1_zero"
-    rng = random.Random(f"r1jax.synthetic.corpus:{seed}")
-    texts = []
-    for example in generate("train", n, seed, spec):
-        if rng.random() < correct_fraction:
-            mix = mix_language if rng.random() < mix_fraction else None
-            completion = solution_trace(example, template=response_template, mix_language=mix, rng=rng)
-        else:
-            completion = _noisy_trace(example, rng.choice(tuple(noise_kinds)), rng, response_template)
-        if template is None:
-            texts.append(completion)
-        else:
-            texts.append(f"{format_prompt(template, example['question'])} {completion}")
-    return texts
+    pairs = corpus_pairs(n, seed, correct_fraction=correct_fraction, noise_kinds=noise_kinds,
+                         mix_fraction=mix_fraction, mix_language=mix_language, template=template or "r1_zero",
+                         spec=spec)
+    return [completion if template is None else f"{prompt} {completion}" for prompt, completion in pairs]
 
 
 def evaluate_chain(steps: Sequence[Sequence[Any]]) -> int:

@@ -155,6 +155,7 @@ def train_sentencepiece(
     *,
     user_symbols: Sequence[str] = DEFAULT_USER_SYMBOLS,
     model_type: str = "bpe",
+    options: dict[str, Any] | None = None,
 ) -> SentencePieceTokenizer:
     """Train (or load from `model_dir`, if trained there on the same inputs) a sentencepiece model.
 
@@ -166,6 +167,9 @@ def train_sentencepiece(
       model_dir: folder for `spm.model` and its fingerprint; created if needed.
       user_symbols: strings that always encode as one token.
       model_type: "bpe" or "unigram".
+      options: further `SentencePieceTrainer` options, overriding the defaults (part of the cache
+        fingerprint). E.g. `split_by_whitespace=False, split_by_unicode_script=False` lets pieces span
+        words, so a fixed prompt template that fills the corpus becomes a handful of tokens.
     """
     import sentencepiece as spm
 
@@ -177,7 +181,7 @@ def train_sentencepiece(
         raise ValueError(f"vocab_size={vocab_size} must be >= {minimum} (specials, user symbols, 256 bytes)")
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type={model_type!r} must be 'bpe' or 'unigram'")
-    options = _spm_options(vocab_size, user_symbols, model_type)
+    options = {**_spm_options(vocab_size, user_symbols, model_type), **(options or {})}
     digest = hashlib.sha256()
     digest.update(json.dumps(options, sort_keys=True).encode())
     digest.update(spm.__version__.encode())
