@@ -121,11 +121,18 @@ class RunContext:
         return synthetic.TaskSpec(task=task, min_steps=d.min_steps, max_steps=d.max_steps,
                                   max_operand=d.max_operand, max_value=d.max_value)
 
-    def corpus(self) -> list[str]:
+    def corpus_pairs(self) -> list[tuple[str, str]]:
+        """The pretraining corpus as (prompt, completion) texts."""
         p = self.config.pretrain
-        return synthetic.corpus(p.corpus_size, seed=self.config.seed, correct_fraction=p.correct_fraction,
-                                spec=self.task_spec, template=self.config.data.template,
-                                mix_fraction=p.get("mix_fraction", 0.0), mix_language=p.get("mix_language", "zh"))
+        noise = p.get("noise_kinds", "")
+        noise_kinds = tuple(k.strip() for k in noise.split(",") if k.strip()) or synthetic.NOISE_KINDS
+        return synthetic.corpus_pairs(
+            p.corpus_size, seed=self.config.seed, correct_fraction=p.correct_fraction, noise_kinds=noise_kinds,
+            spec=self.task_spec, template=self.config.data.template,
+            mix_fraction=p.get("mix_fraction", 0.0), mix_language=p.get("mix_language", "zh"))
+
+    def corpus(self) -> list[str]:
+        return [f"{prompt} {completion}" for prompt, completion in self.corpus_pairs()]
 
     @property
     def tokenizer(self):
@@ -136,7 +143,9 @@ class RunContext:
             if c.tokenizer.path or c.model.hf_path:
                 self._tokenizer = load_hf_tokenizer(c.tokenizer.path or c.model.hf_path)
             else:
-                self._tokenizer = train_sentencepiece(self.corpus(), c.tokenizer.vocab_size, self.workdir / "tokenizer")
+                options = c.tokenizer.get("options")
+                self._tokenizer = train_sentencepiece(self.corpus(), c.tokenizer.vocab_size, self.workdir / "tokenizer",
+                                                      options=options.to_dict() if options else None)
         return self._tokenizer
 
     def records(self, split: str) -> list[dict[str, Any]]:
@@ -201,6 +210,9 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
     if validate is not None:
         validate(config, names)
     ctx = RunContext(config, workdir)
+    if jax.process_index() == 0:  # what `python -m r1jax.evaluate --workdir` rebuilds the run from
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     previous: StageManifest | None = None
     manifests = {}
     for name in names:

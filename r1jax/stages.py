@@ -74,7 +74,10 @@ def batches_of(items: list[Any], batch_size: int, seed: int):
 def pretrain(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     p, tok = ctx.config.pretrain, ctx.tokenizer
     bos = [tok.bos_id] if tok.bos_id is not None else [tok.eos_id]
-    pairs = [(bos, tok.encode(text, add_eos=True)) for text in ctx.corpus()]
+    # Prompt and completion are tokenized apart and concatenated, exactly as the RL stage and the
+    # evaluator feed prompts and read completions (one text could merge pieces across the seam).
+    pairs = [(bos, tok.encode(prompt) + tok.encode(completion, add_eos=True))
+             for prompt, completion in ctx.corpus_pairs()]
     cfg = pretrain_config(ctx.config)
     trainer = SFTTrainer(cfg, model, pad_id=tok.pad_id, mesh=ctx.mesh)
     history = run_loop(trainer, batches_of(pairs, p.batch_size, ctx.config.seed), steps=p.steps, workdir=stage_dir,
