@@ -402,3 +402,107 @@ def evaluate_model(graphdef, params, records, tokenizer, *, template, k, samplin
     per_problem = evaluate_completions(records, texts, grader or grader_from_reward(accuracy_reward),
                                        extract_answer=extract_answer, lengths_per_problem=lengths)
     return summarize(per_problem), per_problem
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m r1jax.evaluate
+
+RUN_CONFIG = "config.json"  # the run's full config, written into the workdir by `r1jax.pipeline`
+
+
+def load_policy(checkpoint: str | os.PathLike | None, workdir: str | os.PathLike | None):
+    """(model, tokenizer, run config or None, mesh) for an HF folder or a stage's `final` params in a workdir.
+
+    An HF folder (config.json + *.safetensors) brings its own tokenizer. Otherwise the workdir's
+    `config.json` rebuilds the run (tokenizer, model shape, mesh) and `checkpoint` (default: the last
+    configured stage's `final`) supplies the parameters.
+    """
+    from ml_collections import ConfigDict
+
+    from r1jax.data.tokenizer import load_hf_tokenizer
+    from r1jax.model import load_hf
+    from r1jax.pipeline import RunContext
+
+    if checkpoint is not None and (Path(checkpoint) / "config.json").exists() and any(
+            Path(checkpoint).glob("*.safetensors")):
+        return load_hf(checkpoint), load_hf_tokenizer(checkpoint), None, None
+    if workdir is None:
+        raise ValueError(f"--checkpoint={checkpoint} is not an HF folder: pass --workdir (the training run's) too")
+    path = Path(workdir) / RUN_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: --workdir must be a run of `python -m r1jax.train`")
+    config = ConfigDict(json.loads(path.read_text()))
+    ctx = RunContext(config, Path(workdir))
+    if checkpoint is None:
+        checkpoint = Path(workdir) / [s.strip() for s in config.stages.split(",") if s.strip()][-1] / "final"
+    return ctx.model_from(Path(checkpoint)), ctx.tokenizer, config, ctx.mesh
+
+
+def _benchmark_records(name: str, config, limit: int | None, data_dir: str | None) -> list[dict[str, Any]]:
+    from r1jax.data import benchmarks, synthetic
+
+    if not name.startswith("synthetic"):
+        return benchmarks.load_benchmark(name, limit=limit, data_dir=data_dir)
+    spec, seed, size = synthetic.TaskSpec(), 0, 500
+    if config is not None:  # the run's task and held-out split
+        d = config.data
+        spec = synthetic.TaskSpec(min_steps=d.min_steps, max_steps=d.max_steps, max_operand=d.max_operand,
+                                  max_value=d.max_value)
+        seed, size = config.seed, d.eval_size
+    return benchmarks.load_benchmark(name, limit=limit, synthetic_spec=spec, synthetic_size=limit or size, seed=seed)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """`python -m r1jax.evaluate --workdir runs/r1zero [--checkpoint DIR] --benchmark synthetic,math500 …`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m r1jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="a stage's `final` folder (default: the run's last stage) or an HF folder")
+    parser.add_argument("--workdir", help="the training run's workdir (its config.json and tokenizer)")
+    parser.add_argument("--benchmark", default="synthetic",
+                        help="comma-separated: synthetic[:countdown], gsm8k, math500, aime24, amc23, a .jsonl path")
+    parser.add_argument("--data_dir", default=None, help="where gsm8k.jsonl & co. live (default $R1JAX_DATA_DIR)")
+    parser.add_argument("--template", default=None, help="prompt template (default: the run's, else r1_zero)")
+    parser.add_argument("--k", type=int, default=4, help="samples per problem")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's eval setting, else 1024")
+    parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    parser.add_argument("--prompts_per_batch", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="folder for <benchmark>.jsonl (per problem) and summary.md")
+    args = parser.parse_args(argv)
+
+    import jax
+    from flax import nnx
+
+    from r1jax.rewards import accuracy_reward, countdown_reward
+    from r1jax.sampling import SamplingConfig
+
+    model, tokenizer, config, mesh = load_policy(args.checkpoint, args.workdir)
+    graphdef, params = nnx.split(model)
+    template = args.template or (config.data.template if config is not None else "r1_zero")
+    max_new = args.max_new_tokens or (config.eval.max_new_tokens if config is not None else 1024)
+    sampling = SamplingConfig(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
+                              eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    summaries = {}
+    for name in [b.strip() for b in args.benchmark.split(",") if b.strip()]:
+        records = _benchmark_records(name, config, args.limit, args.data_dir)
+        reward = countdown_reward if name == "synthetic:countdown" else accuracy_reward
+        summary, per_problem = evaluate_model(
+            graphdef, params, records, tokenizer, template=template, k=args.k, sampling=sampling,
+            key=jax.random.key(args.seed), grader=grader_from_reward(reward), mesh=mesh,
+            prompts_per_batch=args.prompts_per_batch)
+        summaries[name] = summary
+        if args.out:
+            write_results_jsonl(Path(args.out) / f"{Path(name).stem.replace(':', '_')}.jsonl", per_problem)
+    if args.out:
+        write_summary_markdown(Path(args.out) / "summary.md", summaries,
+                               title=f"{args.checkpoint or args.workdir}: k={args.k}, T={args.temperature}, "
+                                     f"top-p={args.top_p}")
+    print(summary_table(summaries), flush=True)
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
