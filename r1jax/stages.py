@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
+from tqdm import tqdm
 
 from r1jax.data.pipeline import prompt_dataset
 from r1jax.data.templates import get_template
@@ -108,6 +110,10 @@ def eval_fn(ctx: RunContext, records: list[dict[str, Any]]):
         out = {"eval/pass1": summary["pass@1"], "eval/pass1_stderr": summary["pass@1_stderr"],
                "eval/length_mean": float(np.mean(lengths))}
         out.update({f"eval/{k}": v for k, v in summary.items() if k.startswith(("pass@", "cons@")) and k != "pass@1"})
+        tqdm.write(f"[r1jax] step {trainer.step_count}: held-out pass@1 {summary['pass@1']:.3f} "
+                   f"± {summary['pass@1_stderr']:.3f} ({len(records)} problems × k={e.k}), "
+                   f"mean length {out['eval/length_mean']:.1f}", file=sys.stdout)
+        sys.stdout.flush()
         return out
 
     return evaluate
@@ -131,7 +137,11 @@ def rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module,
         if pool is not None:
             pool.close()
     figures = plot_curves(stage_dir / "metrics.jsonl", stage_dir)
-    report = write_report(stage_dir, _summary(stage_dir / "metrics.jsonl"), figures)
+    summary = _summary(stage_dir / "metrics.jsonl")
+    report = write_report(stage_dir, summary, figures)
+    if summary:
+        print(f"[r1jax] held-out pass@1: base {summary['base pass@1 (held-out)']:.3f} → final "
+              f"{summary['final pass@1 (held-out)']:.3f} ({summary['pass@1 gain (points)']:+.1f} points)", flush=True)
     print(f"[r1jax] report: {report}", flush=True)
     return trainer.model, (history[-1] if history else {})
 
