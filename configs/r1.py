@@ -67,7 +67,10 @@ def get_config() -> ConfigDict:
         max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=True,
         dtype="float32", param_dtype="float32", remat="none",
     ))
-    c.tokenizer = ConfigDict(dict(path="", vocab_size=384))
+    # `\boxed{` as one piece: the R1-format summary ("The answer is \boxed{12}.") never occurs in the base
+    # corpus, and spelled out in byte pieces it is hard for a tiny model to learn in a short cold start.
+    c.tokenizer = ConfigDict(dict(path="", vocab_size=384, options=ConfigDict(dict(
+        user_defined_symbols=["<think>", "</think>", "<answer>", "</answer>", "|special_token|", "\\boxed{"]))))
     c.data = ConfigDict(dict(
         train="synthetic", eval="synthetic", train_size=4000, eval_size=64, data_dir="",
         # R1-Zero's think/answer format (with a one-line prompt): the base corpus and the samples
@@ -85,10 +88,10 @@ def get_config() -> ConfigDict:
     ))
     c.cold_start = sft_section(
         data_path="",  # a JSONL of cold-start examples; empty: built from the input model's samples
-        source_template="r1_zero_brief", prompts=384, samples_per_prompt=4, per_prompt=1, min_examples=256,
+        source_template="r1_zero_brief", prompts=1024, samples_per_prompt=4, per_prompt=1, min_examples=1024,
         top_up_with_traces=True, max_new_tokens=48, temperature=1.0,
         filters=filters(require_format="r1"),
-        steps=80,
+        steps=64, learning_rate=3e-4, warmup_steps=5,  # two epochs over 1024 examples
     )
     c.reasoning_rl = grpo_section(
         steps=30, learning_rate=2e-4, rewards=ConfigDict({"accuracy": 1.0, "r1_format": 1.0, "language": 1.0}),
@@ -96,10 +99,10 @@ def get_config() -> ConfigDict:
     c.rejection_sft = sft_section(
         init="base",  # R1 retrains the base model on the rejection-sampled data; "previous" continues
         sample_from="previous",  # the model that samples: the stage before (reasoning_rl) or a stage name
-        prompts=384, samples_per_prompt=4, per_prompt=2, max_new_tokens=48, temperature=1.0,
+        prompts=1024, samples_per_prompt=4, per_prompt=2, max_new_tokens=48, temperature=1.0,
         filters=filters(), general_fraction=0.25,
         min_examples=0, top_up_with_traces=False,  # tiny test runs only: worked traces if too few samples pass
-        steps=150,
+        steps=80, learning_rate=3e-4, warmup_steps=5,
     )
     c.rl_all = grpo_section(
         steps=20, temperature=0.7,  # R1's second RL stage samples at 0.7

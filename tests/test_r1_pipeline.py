@@ -22,8 +22,10 @@ R1_STAGES = ("pretrain", "cold_start", "reasoning_rl", "rejection_sft", "rl_all"
 SFT3_STEPS = 40
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
-TINY_SFT = {"batch_size": 4, "warmup_steps": 0, "max_length": 128}
-TINY_RL = {"prompts_per_step": 2, "group_size": 2, "warmup_steps": 0, "max_new_tokens": 12}
+# One optimizer and sampling setting for every SFT / RL stage, so that stages share compiled programs.
+TINY_SFT = {"batch_size": 4, "warmup_steps": 0, "max_length": 128, "schedule": "constant", "learning_rate": 5e-4}
+TINY_RL = {"prompts_per_step": 2, "group_size": 2, "warmup_steps": 0, "max_new_tokens": 12, "learning_rate": 1e-4,
+           "temperature": 1.0}
 TINY_COMMON = {
     **{f"model.{k}": v for k, v in TINY_MODEL.items()},
     "model.max_position_embeddings": 128, "tokenizer.vocab_size": 320,
@@ -176,17 +178,17 @@ def test_distill_trains_and_evaluates_student_and_rl_control(runs):
 
 @pytest.mark.slow
 def test_language_reward_keeps_cots_in_one_language_where_accuracy_rewards_mixing(tmp_path):
-    # bench/language_mixing.py: a base pretrained where every correct trace mixes in Chinese filler
-    # words; GRPO with accuracy alone vs accuracy + R1 eq. 7, same seed; CoTs sampled on the RL prompts.
-    args = ["--workdir", str(tmp_path / "run"), "--hidden", "32", "--layers", "1", "--pretrain-steps", "200",
-            "--rl-steps", "10", "--prompts-per-step", "4", "--lr", "2e-3", "--eval-prompts", "16"]
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "language_mixing.py"), *args], cwd=REPO,
-                         env=environment(tmp_path / "jax_cache"), capture_output=True, text=True, timeout=900)
+    # bench/language_mixing.py: a base whose correct traces all mix in Chinese filler words; GRPO with
+    # accuracy alone vs accuracy + R1 eq. 7, same seed and settings; CoTs sampled on the RL prompts.
+    bench = [sys.executable, str(REPO / "bench" / "language_mixing.py"), "--workdir", str(tmp_path / "run")]
+    out = subprocess.run(bench, cwd=REPO, env=environment(tmp_path / "jax_cache"), capture_output=True, text=True,
+                         timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     base, accuracy_only, with_language = r["base"], r["accuracy_only"], r["with_language"]
-    assert accuracy_only["consistent"] < base["consistent"] - 0.2  # the task tempts: accuracy alone spreads mixing
-    assert with_language["consistent"] > accuracy_only["consistent"] + 0.3  # eq. 7 holds it back
+    assert accuracy_only["consistent"] < base["consistent"] - 0.1  # the task tempts: accuracy alone spreads mixing
+    assert with_language["consistent"] > base["consistent"] + 0.2  # eq. 7 drives it out ...
+    assert with_language["consistent"] > accuracy_only["consistent"] + 0.3  # ... where accuracy alone would not
     assert with_language["word_share"] > accuracy_only["word_share"]
 
 
