@@ -46,6 +46,7 @@ from r1jax.stages_r1 import (
     sampling_config,
     top_up,
     train_sft,
+    write_json_atomic,
     write_jsonl_atomic,
 )
 
@@ -132,7 +133,7 @@ def distill(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Mo
         examples, metrics = distill_examples(ctx, s, stage_dir)
         metrics["time/data_s"] = time.time() - t0
         metrics["time/data_cpu_s"] = time.process_time() - cpu0
-        (stage_dir / "data_stats.json").write_text(json.dumps(metrics, indent=1))
+        write_json_atomic(stage_dir / "data_stats.json", metrics)
         write_jsonl_atomic(data_file, examples)
     metrics["data/examples"] = len(examples)
     print(f"[r1jax] distill: {len(examples)} SFT examples from {metrics['data/teacher']}", flush=True)
@@ -175,8 +176,7 @@ def student_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx
         ledger["used"] += spent
         if ran and done:  # the segment starting at step 0 compiles: not a step's cost
             ledger["step_cost"] = spent / ran
-        if jax.process_index() == 0:
-            ledger_file.write_text(json.dumps(ledger))
+        write_json_atomic(ledger_file, ledger)
 
     try:
         # Calibrate on a few steps (the first compiles, and is in the budget as it is in distill's),

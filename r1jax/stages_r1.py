@@ -72,6 +72,14 @@ def write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: Path, value: Any) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=_plain), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -401,7 +409,7 @@ def cold_start(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx
         examples, stats = cold_start_examples(ctx, model, s)
         metrics.update(stats)
         check_examples(stage_dir, examples, metrics)
-        (stage_dir / "data_stats.json").write_text(json.dumps(metrics, indent=1))
+        write_json_atomic(stage_dir / "data_stats.json", metrics)
         write_jsonl_atomic(data_file, examples)
     metrics["data/examples"] = len(examples)
     print(f"[r1jax] cold_start: {len(examples)} examples ({metrics.get('data/from_traces', 0)} from worked traces)",
@@ -474,7 +482,7 @@ def rejection_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[
         extra = general_examples(ctx, n_general) if n_general else []
         metrics["data/general"] = len(extra)
         examples = [{**k, "kind": "reasoning"} for k in kept] + extra
-        (stage_dir / "data_stats.json").write_text(json.dumps(metrics, indent=1))
+        write_json_atomic(stage_dir / "data_stats.json", metrics)
         write_jsonl_atomic(stage_dir / "samples.jsonl", samples)
         write_jsonl_atomic(data_file, examples)
         print(f"[r1jax] rejection_sft: kept {counts['kept']} of {counts['seen']} samples "
