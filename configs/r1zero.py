@@ -24,42 +24,47 @@ def get_config() -> ConfigDict:
         preset="",  # a r1jax.model preset name; empty: the fields below
         vocab_size=0,  # 0: the tokenizer's
         hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
-        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+        max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True,
         dtype="float32", param_dtype="float32", remat="none",
     ))
     c.tokenizer = ConfigDict(dict(
         path="",  # an HF tokenizer folder; empty: HF model folder, else a sentencepiece model trained on the corpus
-        vocab_size=384,
+        vocab_size=512,
+        # Pieces may span words, so the paper's fixed template (repeated in every corpus text) costs ~22
+        # tokens instead of ~80: prompts fit 64 slots.
+        options=ConfigDict(dict(split_by_whitespace=False, split_by_unicode_script=False,
+                                max_sentencepiece_length=128)),
     ))
     c.data = ConfigDict(dict(
         train="synthetic",  # "synthetic", "synthetic:countdown", a benchmark name or a .jsonl path
         eval="synthetic",
-        train_size=20000, eval_size=64, data_dir="",
+        train_size=2500, eval_size=128, data_dir="",
         template="r1_zero",
         max_prompt_length=256,
         # the synthetic task (r1jax.data.synthetic.TaskSpec)
-        min_steps=2, max_steps=3, max_operand=9, max_value=99,
+        min_steps=2, max_steps=2, max_operand=9, max_value=20,
     ))
 
     # The base model of the embedded default: next-token training on an imperfect corpus.
     c.pretrain = ConfigDict(dict(
-        corpus_size=6000, correct_fraction=0.5, steps=600, batch_size=32,
-        learning_rate=1e-3, warmup_steps=50, schedule="cosine", weight_decay=0.0, max_grad_norm=1.0,
+        corpus_size=2500, correct_fraction=0.3, noise_kinds="no_think,no_think,truncated",
+        steps=1000, batch_size=32,
+        learning_rate=3e-3, warmup_steps=30, schedule="cosine", weight_decay=0.0, max_grad_norm=1.0,
         max_length=256, micro_batches=1,
     ))
 
     c.rl = ConfigDict(dict(
-        steps=80, prompts_per_step=16, group_size=8,
+        steps=40, prompts_per_step=16, group_size=8,
         preset="grpo", beta=0.001, epsilon_low=0.2, epsilon_high=0.2, kl_estimator="k3",
         num_iterations=1, num_minibatches=1, micro_batches=1,
         ref_update_every=400, dynamic_sampling=False, max_sampling_rounds=3,
         rewards=ConfigDict({"accuracy": 1.0, "format": 1.0}),
         reward_workers=0, reward_timeout=10.0,
-        learning_rate=1e-4, warmup_steps=5, schedule="constant", weight_decay=0.0, max_grad_norm=1.0,
+        learning_rate=2e-4, warmup_steps=5, schedule="constant", weight_decay=0.0, max_grad_norm=1.0,
         chunk_size=512,
     ))
-    c.sampling = ConfigDict(dict(max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0))
+    c.sampling = ConfigDict(dict(max_new_tokens=32, temperature=1.0, top_p=1.0, top_k=0))
     # R1's evaluation protocol: k samples per problem at temperature 0.6, top-p 0.95.
-    c.eval = ConfigDict(dict(every=10, k=4, temperature=0.6, top_p=0.95, max_new_tokens=64))
+    c.eval = ConfigDict(dict(every=5, k=4, temperature=0.6, top_p=0.95, max_new_tokens=32))
     c.checkpoint = ConfigDict(dict(every=20, keep=2))
     return c
