@@ -326,24 +326,12 @@ def corpus_pairs(
     return pairs
 
 
-def corpus(
-    n: int,
-    seed: int = 0,
-    *,
-    correct_fraction: float = 0.5,
-    noise_kinds: Sequence[str] = NOISE_KINDS,
-    mix_fraction: float = 0.0,
-    mix_language: str = "zh",
-    template: str | None = "r1_zero",
-    spec: TaskSpec = TaskSpec(),
-) -> list[str]:
+def corpus(n: int, seed: int = 0, *, template: str | None = "r1_zero", **options: Any) -> list[str]:
     """`n` pretraining texts over *train-split* problems: prompt + (possibly flawed) completion.
 
-    The arguments are `corpus_pairs`'; `template=None` gives the (r1_zero) completions alone.
+    `options` are `corpus_pairs`' keyword arguments; `template=None` gives the (r1_zero) completions alone.
     """
-    pairs = corpus_pairs(n, seed, correct_fraction=correct_fraction, noise_kinds=noise_kinds,
-                         mix_fraction=mix_fraction, mix_language=mix_language, template=template or "r1_zero",
-                         spec=spec)
+    pairs = corpus_pairs(n, seed, template=template or "r1_zero", **options)
     return [completion if template is None else f"{prompt} {completion}" for prompt, completion in pairs]
 
 
