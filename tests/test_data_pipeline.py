@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from r1jax.data import synthetic
-from r1jax.data.pipeline import pad_prompts, prompt_dataset, shard_records
+from r1jax.data.pipeline import prompt_dataset, shard_records
 from r1jax.data.templates import format_prompt
 from r1jax.data.tokenizer import train_sentencepiece
 
@@ -100,12 +100,3 @@ def test_max_prompt_length_and_errors(tok, records):
     with pytest.raises(ValueError, match="not registered"):
         prompt_dataset(records, "nope", tok, batch_size=2)
 
-
-def test_pad_prompts():
-    tokens, mask = pad_prompts([[5, 6, 7], [8]], pad_id=0)
-    np.testing.assert_array_equal(tokens, [[5, 6, 7], [0, 0, 8]])
-    np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
-    tokens, mask = pad_prompts([[5, 6], [8]], pad_id=9, length=4, side="right")
-    np.testing.assert_array_equal(tokens, [[5, 6, 9, 9], [8, 9, 9, 9]])
-    with pytest.raises(ValueError, match="length=1"):
-        pad_prompts([[1, 2]], pad_id=0, length=1)

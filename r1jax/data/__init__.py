@@ -23,7 +23,7 @@ from r1jax.data.tokenizer import (
     train_sentencepiece,
 )
 
-_LAZY = {"prompt_dataset", "pad_prompts", "collate", "shard_records", "tokenize_prompts"}
+_LAZY = {"prompt_dataset", "collate", "shard_records", "tokenize_prompts"}
 
 
 def __getattr__(name):

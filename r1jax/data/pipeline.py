@@ -137,30 +137,3 @@ def prompt_dataset(
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
     return ds.to_iter_dataset(read_options or grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
 
-
-def pad_prompts(
-    prompt_ids: Sequence[Sequence[int]],
-    pad_id: int,
-    length: int | None = None,
-    *,
-    side: str = "left",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged prompts → (tokens int32 [B, L], mask bool [B, L]), padded on `side`.
-
-    Left padding (the default) lines every prompt's last token up at L-1, where decoding starts.
-    `length` defaults to the longest prompt; a longer prompt raises.
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"side={side!r} must be 'left' or 'right'")
-    longest = max((len(p) for p in prompt_ids), default=0)
-    length = longest if length is None else length
-    if longest > length:
-        raise ValueError(f"a prompt has {longest} tokens, more than length={length}")
-    tokens = np.full((len(prompt_ids), length), pad_id, dtype=np.int32)
-    mask = np.zeros((len(prompt_ids), length), dtype=bool)
-    for row, ids in enumerate(prompt_ids):
-        n = len(ids)
-        cols = slice(length - n, length) if side == "left" else slice(0, n)
-        tokens[row, cols] = np.asarray(ids, dtype=np.int32)
-        mask[row, cols] = True
-    return tokens, mask
