@@ -132,3 +132,16 @@ def test_sharded_export_writes_index_and_reloads(tmp_path):
 
 def test_bench_preset_matches_workload_parameter_count():
     assert get_preset("bench-qwen2-3m").num_params == 3_182_848
+
+
+def test_mlp_matmul_gradient_equals_autodiff():
+    """The gate/up matmul's custom weight gradient, (dyᵀ·x)ᵀ, is autodiff's xᵀ·dy (float64 reference)."""
+    from r1jax.model.transformer import _widening_matmul
+
+    rng = np.random.default_rng(0)
+    x, w, dy = rng.standard_normal((3, 5, 4)), rng.standard_normal((4, 6)), rng.standard_normal((3, 5, 6))
+    out, vjp = jax.vjp(_widening_matmul, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    dx, dw = vjp(jnp.asarray(dy, jnp.float32))
+    np.testing.assert_allclose(out, x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dy @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("btd,btf->df", x, dy), rtol=1e-5, atol=1e-5)

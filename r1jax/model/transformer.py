@@ -171,6 +171,31 @@ class Attention(nnx.Module):
         return y, (None if cache_kv is None else (keys, values))
 
 
+@jax.custom_vjp
+def _widening_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x @ w` for w [d, f] with f > d (the MLP's gate and up), whose weight gradient is (dyᵀ·x)ᵀ.
+
+    Autodiff writes the weight gradient as xᵀ·dy over the b·t rows, and XLA:CPU then transposes
+    the wide operand dy [b·t, f] in full for its dot; as (dyᵀ·x)ᵀ it transposes the narrow x
+    [b·t, d] once for both matmuls instead (bench model, GRPO update: −25 % CPU time). Same
+    values, any backend.
+    """
+    return x @ w
+
+
+def _widening_matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _widening_matmul_bwd(res, dy):
+    x, w = res
+    rows = lambda a: a.reshape(-1, a.shape[-1])  # [b·t, ·]: one contracting dim, as the dot wants it
+    return dy @ w.T.astype(dy.dtype), (rows(dy).T @ rows(x)).T.astype(w.dtype)
+
+
+_widening_matmul.defvjp(_widening_matmul_fwd, _widening_matmul_bwd)
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -180,7 +205,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = x.dtype
-        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        h = jax.nn.silu(_widening_matmul(x, self.gate[...].astype(dt))) * _widening_matmul(x, self.up[...].astype(dt))
         h = constrain(h, ("batch", "seq", "mlp"))
         return h @ self.down[...].astype(dt)
 
