@@ -30,5 +30,7 @@ setup(
     extras_require={
         # torch/transformers are references for parity tests and peer benchmarks only.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "ruff>=0.6"],
+        # The peers of bench/grpo_step.py (TRL's GRPOTrainer), at the versions measured in bench/RESULTS.md.
+        "bench": ["torch==2.13.0", "transformers>=4.56.2", "trl==1.13.0", "accelerate==1.15.0", "datasets==5.0.1"],
     },
 )

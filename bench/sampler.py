@@ -25,10 +25,8 @@ import argparse
 import datetime
 import os
 import platform
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -37,23 +35,6 @@ from bench.workload import BOS_ID, EOS_ID, PAD_ID, PROMPT_TOKENS, build_tokenize
 from r1jax.sampling import SamplingConfig, sample_groups
 
 BATCH = 64
-
-
-def _timed(fn) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of fn()."""
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, time.process_time() - c
-
-
-def matmul_roofline(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
-    """Best achieved fp32 FLOP/s of an [n, n] @ [n, n] jitted matmul: (per wall second, per CPU second)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.dot)
-    mm(a, b).block_until_ready()
-    times = [_timed(lambda: mm(a, b).block_until_ready()) for _ in range(repeats)]
-    return 2 * n**3 / min(t[0] for t in times), 2 * n**3 / min(t[1] for t in times)
 
 
 def run_r1jax(texts, tokenizer, graphdef, state, new_tokens: int, key) -> list[str]:
@@ -89,7 +70,7 @@ def bench(calls: dict, new_tokens: int, repeats: int) -> dict[str, dict[str, flo
     times = {name: [] for name in calls}
     for i in range(repeats):
         for name, call in calls.items():
-            times[name].append(_timed(lambda call=call, i=i: call(i + 1)))
+            times[name].append(workload.timed(lambda call=call, i=i: call(i + 1)))
     result = {}
     tokens = BATCH * new_tokens
     for name, ts in times.items():
@@ -117,7 +98,7 @@ def main():
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; jax {jax.__version__} "
           f"({jax.devices()[0].platform} × {jax.device_count()})")
-    roof_wall, roof_cpu = matmul_roofline()
+    roof_wall, roof_cpu = workload.matmul_roofline()
     print(f"fp32 matmul roofline (2048³ jnp.dot): {roof_wall / 1e9:.1f} GFLOP/s per wall second, "
           f"{roof_cpu / 1e9:.1f} per CPU second")
 

@@ -2,9 +2,10 @@
 
 One place builds the 128-id tokenizer, the addition prompts, the seed-0 weights (framework-neutral
 NumPy arrays in HF names and layouts), the HF torch model and the r1jax model from those same
-arrays, and the reward. `bench/sampler.py` and the trainer's benchmark import it:
+arrays, and the reward, plus the measuring helpers the benchmarks share (wall and CPU time of a call, the
+achieved fp32 matmul roofline). `bench/sampler.py` and `bench/grpo_step.py` import it:
 
-    from bench.workload import build_tokenizer, prompts, hf_model, r1jax_model, reward
+    from bench.workload import build_tokenizer, prompts, hf_model, r1jax_model, reward, matmul_roofline
 
 `transformers`/`torch` are imported lazily (bench/test-only dependencies); `r1jax_model()` needs
 neither. `python -m bench.workload` checks that HF and r1jax logits agree (≤ 1e-5 relative).
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -173,6 +176,44 @@ def encode_prompts(tokenizer, texts: list[str]) -> np.ndarray:
         got = sorted({len(x) for x in ids})
         raise ValueError(f"workload prompts must be {PROMPT_TOKENS} tokens: got lengths {got}")
     return np.asarray(ids, np.int32)
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn(). CPU time counts every thread of the process: on a
+    shared machine it depends much less on the other jobs than wall time does."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def matmul_roofline(n: int = 2048, repeats: int = 5, backend: str = "jax") -> tuple[float, float]:
+    """Best achieved fp32 FLOP/s of an [n, n] @ [n, n] matmul: (per wall second, per CPU second).
+
+    backend "jax": a jitted `jnp.dot` on the default device (the roofline the benchmarks report);
+    "torch": `torch.mm` with the current intra-op threads (what the torch peers can reach).
+    """
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        mm = jax.jit(jnp.dot)
+        run = lambda: mm(a, b).block_until_ready()
+    elif backend == "torch":
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        run = lambda: torch.mm(a, b)
+    else:
+        raise ValueError(f"backend={backend!r}; accepted: 'jax', 'torch'")
+    run()
+    times = [timed(run) for _ in range(repeats)]
+    return 2 * n**3 / min(t[0] for t in times), 2 * n**3 / min(t[1] for t in times)
 
 
 def check_parity(batch: int = 8, tol: float = 1e-5) -> float:
