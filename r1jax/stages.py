@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,15 +46,25 @@ def pretrain_config(c: ConfigDict) -> SFTConfig:
                      micro_batches=p.micro_batches, max_length=p.max_length, seed=c.seed)
 
 
+def grpo_run_config(section, sampling: SamplingConfig, seed: int) -> RLConfig:
+    """The RLConfig of a GRPO config section — R1-Zero's `rl`, the R1 pipeline's `reasoning_rl` and
+    `rl_all`, distillation's `student_rl` — so that every RL stage reads its section the same way.
+    Fields a section leaves out take RLConfig's defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RLConfig) if f.default is not dataclasses.MISSING}
+    optional = {name: section.get(name, defaults[name]) for name in
+                ("num_minibatches", "micro_batches", "ref_update_every", "dynamic_sampling", "max_sampling_rounds",
+                 "chunk_size")}
+    updates_per_step = section.num_iterations * optional["num_minibatches"]
+    return RLConfig(steps=section.steps, prompts_per_step=section.prompts_per_step,
+                    loss=grpo_config(section, sampling.max_new_tokens), sampling=sampling,
+                    optim=optim_config(section, section.steps, updates_per_step), seed=seed, **optional)
+
+
 def rl_config(c: ConfigDict, eos_id: int, pad_id: int) -> RLConfig:
-    r, s = c.rl, c.sampling
+    s = c.sampling
     sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                               top_k=s.top_k, eos_ids=(eos_id,), pad_id=pad_id)
-    return RLConfig(steps=r.steps, prompts_per_step=r.prompts_per_step, loss=grpo_config(r, s), sampling=sampling,
-                    optim=optim_config(r, r.steps, r.num_iterations * r.num_minibatches),
-                    num_minibatches=r.num_minibatches, micro_batches=r.micro_batches,
-                    ref_update_every=r.ref_update_every, dynamic_sampling=r.dynamic_sampling,
-                    max_sampling_rounds=r.max_sampling_rounds, chunk_size=r.chunk_size, seed=c.seed)
+    return grpo_run_config(c.rl, sampling, c.seed)
 
 
 def eval_sampling(c: ConfigDict, eos_id: int, pad_id: int) -> SamplingConfig:
@@ -88,11 +99,11 @@ def pretrain(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.M
     return trainer.model, (history[-1] if history else {})
 
 
-def grpo_config(rl, sampling) -> GRPOConfig:
+def grpo_config(rl, max_new_tokens: int) -> GRPOConfig:
     overrides = dict(group_size=rl.group_size, beta=rl.beta, epsilon_low=rl.epsilon_low,
                      epsilon_high=rl.epsilon_high, kl_estimator=rl.kl_estimator, num_iterations=rl.num_iterations)
-    if rl.preset == "dr_grpo":
-        overrides["max_completion_length"] = sampling.max_new_tokens
+    if rl.preset == "dr_grpo":  # Dr. GRPO's constant normaliser: the completion budget
+        overrides["max_completion_length"] = max_new_tokens
     return GRPOConfig.preset(rl.preset, **overrides)
 
 

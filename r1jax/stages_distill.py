@@ -38,7 +38,6 @@ from r1jax.stages_r1 import (
     check_examples,
     filter_config,
     finish,
-    general_examples,
     read_jsonl,
     reasoning_records,
     reasoning_reward_name,
@@ -46,6 +45,7 @@ from r1jax.stages_r1 import (
     sampling_config,
     top_up,
     train_sft,
+    with_general_examples,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -116,10 +116,7 @@ def distill_examples(ctx: RunContext, section, stage_dir: Path) -> tuple[list[di
         metrics["data/teacher_sample_accuracy"] = float(np.mean([bool(s["correct"]) for s in samples]))
     kept += top_up(ctx, kept, section, metrics)
     check_examples(stage_dir, kept, metrics)
-    n_general = int(round(len(kept) * section.general_fraction / max(1e-9, 1 - section.general_fraction)))
-    extra = general_examples(ctx, n_general) if n_general else []
-    metrics["data/general"] = len(extra)
-    return [{**k, "kind": "reasoning"} for k in kept] + extra, metrics
+    return with_general_examples(ctx, kept, section.general_fraction, metrics), metrics
 
 
 def distill(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:

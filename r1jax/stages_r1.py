@@ -43,7 +43,6 @@ from r1jax.data.pipeline import prompt_dataset
 from r1jax.data.synthetic import solution_trace, summary_text
 from r1jax.data.templates import DEFAULT_SPECIAL_TOKEN, format_cold_start, format_prompt, parse_r1_zero
 from r1jax.evaluate import evaluate_completions, grader_from_reward, sample_completions, summarize
-from r1jax.grpo import GRPOConfig
 from r1jax.metrics import plot_curves
 from r1jax.pipeline import RunContext, StageManifest
 from r1jax.rewards import RewardPool, combine, get_reward
@@ -51,9 +50,9 @@ from r1jax.rewards.format import follows_r1_format, follows_r1_zero_format
 from r1jax.rewards.math import extract_answer
 from r1jax.rewards.preference import harmlessness_reward, helpfulness_reward, only_for, r1_language_reward
 from r1jax.sampling import SamplingConfig
-from r1jax.stages import batches_of, optim_config
+from r1jax.stages import batches_of, grpo_run_config, optim_config
 from r1jax.trainers.loop import run_loop
-from r1jax.trainers.rl import GRPOTrainer, RLConfig
+from r1jax.trainers.rl import GRPOTrainer
 from r1jax.trainers.sft import SFTConfig, SFTTrainer
 
 DATA_FILE = "data.jsonl"
@@ -233,14 +232,7 @@ class GRPORun:
                  reward, template: str):
         c, tok = ctx.config, ctx.tokenizer
         self.ctx, self.stage_dir, self.template = ctx, stage_dir, template
-        loss = GRPOConfig.preset(section.preset, group_size=section.group_size, beta=section.beta,
-                                 epsilon_low=section.epsilon_low, epsilon_high=section.epsilon_high,
-                                 kl_estimator=section.kl_estimator, num_iterations=section.num_iterations)
-        cfg = RLConfig(steps=section.steps, prompts_per_step=section.prompts_per_step, loss=loss,
-                       sampling=sampling_config(section, tok), optim=optim_config(section, section.steps),
-                       num_minibatches=section.num_minibatches, micro_batches=section.micro_batches,
-                       ref_update_every=section.ref_update_every, chunk_size=section.get("chunk_size", 512),
-                       seed=c.seed)
+        cfg = grpo_run_config(section, sampling_config(section, tok), c.seed)
         self.prompts = iter(prompt_dataset(records, template, tok, section.prompts_per_step, seed=c.seed,
                                            shard_index=jax.process_index(), shard_count=jax.process_count(),
                                            max_prompt_length=c.data.max_prompt_length))
@@ -450,10 +442,20 @@ def reasoning_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[n
 # ------------------------------------------------------------------------------------ stage 3: rejection sampling
 
 
-def general_examples(ctx: RunContext, n: int) -> list[dict[str, Any]]:
-    """Non-reasoning SFT data without CoT: the reply alone (R1: "hello" gets no CoT)."""
-    records = general.generate("train", n, seed=ctx.config.seed)
-    return [{"question": r["question"], "completion": r["reference"], "kind": "general"} for r in records]
+def general_count(n_reasoning: int, fraction: float) -> int:
+    """How many general (non-reasoning) items make up `fraction` of a mix with `n_reasoning` reasoning ones."""
+    return int(round(n_reasoning * fraction / max(1e-9, 1 - fraction)))
+
+
+def with_general_examples(ctx: RunContext, kept: list[dict[str, Any]], fraction: float,
+                          metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The kept reasoning samples plus non-reasoning SFT data without CoT, the reply alone (R1: "hello"
+    gets no CoT), `fraction` of the mix (R1: 200k of 800k); their count goes to `metrics["data/general"]`."""
+    n = general_count(len(kept), fraction)
+    records = general.generate("train", n, seed=ctx.config.seed) if n else []
+    metrics["data/general"] = len(records)
+    return ([{**k, "kind": "reasoning"} for k in kept]
+            + [{"question": r["question"], "completion": r["reference"], "kind": "general"} for r in records])
 
 
 def rejection_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
@@ -478,16 +480,13 @@ def rejection_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[
                    **{f"data/{k}": v for k, v in counts.items()}}
         kept += top_up(ctx, kept, s, metrics)
         check_examples(stage_dir, kept, metrics)
-        n_general = int(round(len(kept) * s.general_fraction / max(1e-9, 1 - s.general_fraction)))
-        extra = general_examples(ctx, n_general) if n_general else []
-        metrics["data/general"] = len(extra)
-        examples = [{**k, "kind": "reasoning"} for k in kept] + extra
+        examples = with_general_examples(ctx, kept, s.general_fraction, metrics)
         write_json_atomic(stage_dir / "data_stats.json", metrics)
         write_jsonl_atomic(stage_dir / "samples.jsonl", samples)
         write_jsonl_atomic(data_file, examples)
         print(f"[r1jax] rejection_sft: kept {counts['kept']} of {counts['seen']} samples "
               f"({ {k: v for k, v in counts.items() if k not in ('seen', 'kept') and v} }), "
-              f"+ {len(extra)} non-reasoning", flush=True)
+              f"+ {metrics['data/general']} non-reasoning", flush=True)
     metrics["data/examples"] = len(examples)
     trainer, history = train_sft(ctx, model, stage_dir, s, examples, c.data.r1_template)
     return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=c.data.r1_template,
@@ -509,7 +508,7 @@ def rl_all(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Mod
         rewards["harmlessness"] = (only_for("general", _bound(harmlessness_reward, model=p.harmlessness_model)),
                                    float(p.harmlessness))
     reasoning = reasoning_records(ctx, "train")
-    n_general = int(round(len(reasoning) * s.general_fraction / max(1e-9, 1 - s.general_fraction)))
+    n_general = general_count(len(reasoning), s.general_fraction)
     records = reasoning + (general.generate("train", n_general, seed=c.seed) if n_general else [])
     trainer, history = train_grpo(ctx, model, stage_dir, s, records, combine(rewards), c.data.r1_template)
     plot_curves(stage_dir / "metrics.jsonl", stage_dir)

@@ -215,3 +215,29 @@ def test_configs_load_with_the_papers_values():
     small = load("distill_qwen1p5b")
     assert small.stages == "distill,student_rl" and small.distill.learning_rate == 1e-4
     assert small.distill.teacher.model.hf_path == big.model.hf_path and small.model.hf_path != big.model.hf_path
+
+
+def test_every_grpo_section_schedules_optimizer_updates_not_steps():
+    # One function reads every GRPO section (r1zero's rl, r1's reasoning_rl / rl_all, distill's student_rl):
+    # the optax schedule counts updates, μ × minibatches of them per step.
+    import importlib.util
+
+    from r1jax.sampling import SamplingConfig
+    from r1jax.stages import grpo_run_config, rl_config
+
+    spec = importlib.util.spec_from_file_location("r1_config", REPO / "configs" / "r1.py")
+    r1 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(r1)
+    section = r1.grpo_section(steps=30, warmup_steps=3, num_iterations=2, num_minibatches=4, schedule="cosine",
+                              preset="dr_grpo", max_new_tokens=40)
+    cfg = grpo_run_config(section, SamplingConfig(max_new_tokens=40), seed=0)
+    assert (cfg.optim.total_steps, cfg.optim.warmup_steps, cfg.num_minibatches) == (240, 24, 4)
+    assert cfg.loss.num_iterations == 2 and cfg.loss.max_completion_length == 40
+    assert cfg.chunk_size == 512 and cfg.dynamic_sampling is False  # left out of the section: RLConfig's defaults
+
+    zero_spec = importlib.util.spec_from_file_location("r1zero_config", REPO / "configs" / "r1zero.py")
+    r1zero = importlib.util.module_from_spec(zero_spec)
+    zero_spec.loader.exec_module(r1zero)
+    c = r1zero.get_config()
+    c.rl.update(dict(num_iterations=2, num_minibatches=2))
+    assert rl_config(c, 0, 0).optim.total_steps == 4 * c.rl.steps
