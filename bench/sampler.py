@@ -17,6 +17,11 @@ when the cores are oversubscribed).
 
     python -m bench.sampler                      # both lengths, r1jax and HF
     python -m bench.sampler --new-tokens 128 --no-hf
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m bench.sampler   # r1jax on a 2-device mesh
+
+With several JAX devices (on CPU: the XLA flag above, one device per core), r1jax runs on a
+`data` mesh over all of them, rows split between devices, as it runs sharded in training; XLA:CPU
+runs each device's program on its own thread. HF keeps its 2 torch threads.
 """
 
 from __future__ import annotations
@@ -33,16 +38,17 @@ from flax import nnx
 from bench import workload
 from bench.workload import BOS_ID, EOS_ID, PAD_ID, PROMPT_TOKENS, build_tokenizer, encode_prompts, prompts
 from r1jax.sampling import SamplingConfig, sample_groups
+from r1jax.sharding import make_mesh
 
 BATCH = 64
 
 
-def run_r1jax(texts, tokenizer, graphdef, state, new_tokens: int, key) -> list[str]:
+def run_r1jax(texts, tokenizer, graphdef, state, new_tokens: int, key, mesh=None) -> list[str]:
     ids = encode_prompts(tokenizer, texts)
     config = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, eos_ids=(EOS_ID,),
                             min_new_tokens=new_tokens, pad_id=PAD_ID)
     lengths = np.full(len(ids), ids.shape[1], np.int32)
-    out = sample_groups(graphdef, state, (ids, lengths), 1, key, config)
+    out = sample_groups(graphdef, state, (ids, lengths), 1, key, config, mesh=mesh)
     tokens = np.asarray(out.tokens)
     assert tokens.shape == (len(texts), new_tokens) and bool(np.all(out.mask)), "every row must run full length"
     return tokenizer.batch_decode(tokens)
@@ -92,7 +98,8 @@ def main():
     tokenizer = build_tokenizer()
     texts = [p.text for p in prompts(BATCH)]
     assert encode_prompts(tokenizer, texts).shape == (BATCH, PROMPT_TOKENS)
-    graphdef, state = nnx.split(workload.r1jax_model())
+    mesh = make_mesh(data=jax.device_count(), fsdp=1, tensor=1) if jax.device_count() > 1 else None
+    graphdef, state = nnx.split(workload.r1jax_model(mesh))
     cfg = nnx.merge(graphdef, state).cfg
     hf = None if args.no_hf else workload.hf_model()
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} CPUs, load average "
@@ -106,7 +113,7 @@ def main():
         print(f"batch {BATCH} × {PROMPT_TOKENS}-token prompts × {n} new tokens (forced), temperature 1.0")
 
         def ours(i, n=n):
-            return run_r1jax(texts, tokenizer, graphdef, state, n, jax.random.key(i))
+            return run_r1jax(texts, tokenizer, graphdef, state, n, jax.random.key(i), mesh)
 
         def theirs(i, n=n, threads=workload.TORCH_THREADS):
             import torch
