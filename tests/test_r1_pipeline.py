@@ -32,6 +32,9 @@ TINY_COMMON = {
     "pretrain.corpus_size": 200, "pretrain.steps": 4, "pretrain.batch_size": 8, "pretrain.warmup_steps": 0,
     "pretrain.max_length": 64,
     "data.train_size": 64, "data.eval_size": 2, "data.max_prompt_length": 32,
+    # The test's own task (2-3 operations, values <= 99), not the demo's: on the demo's easier one the tiny
+    # rl_all drew only equal-reward groups (no gradient), and "every stage trained" would not hold.
+    "data.min_steps": 2, "data.max_steps": 3, "data.max_value": 99,
     "eval.k": 1, "eval.max_new_tokens": 12, "eval.general_size": 2, "eval.general_k": 1,
     "checkpoint.every": 2, "checkpoint.keep": 3,
 }
