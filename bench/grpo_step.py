@@ -63,6 +63,7 @@ from r1jax import sampling
 from r1jax.grpo import GRPOConfig
 from r1jax.rewards import combine
 from r1jax.sampling import SamplingConfig
+from r1jax.sharding import make_mesh
 from r1jax.trainers.optim import OptimConfig
 from r1jax.trainers.rl import GRPOTrainer, RLConfig, forward_flops, generation_flops
 
@@ -156,7 +157,10 @@ def r1jax_trainer(tokenizer) -> GRPOTrainer:
                           weight_decay=0.0, max_grad_norm=0.0),
         num_minibatches=1, micro_batches=1, seed=0,
     )
-    return GRPOTrainer(config, workload.r1jax_model(), tokenizer, combine({"digit_run": (digit_run_reward, 1.0)}))
+    # Several JAX devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2, one per core): a data mesh.
+    mesh = make_mesh(data=jax.device_count(), fsdp=1, tensor=1) if jax.device_count() > 1 else None
+    return GRPOTrainer(config, workload.r1jax_model(mesh), tokenizer, combine({"digit_run": (digit_run_reward, 1.0)}),
+                       mesh=mesh)
 
 
 class R1jaxRun:
