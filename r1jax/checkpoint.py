@@ -162,7 +162,9 @@ class Checkpointer:
             raise ValueError(f"save_every={save_every} must be >= 1")
         if keep < 1:
             raise ValueError(f"keep={keep} must be >= 1")
-        self.directory = epath.Path(directory)
+        directory = epath.Path(directory)
+        # Orbax's tensorstore writer rejects relative paths (`--workdir runs/x`); gs:// paths are absolute.
+        self.directory = directory if directory.is_absolute() else directory.absolute()
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} exists and is not a directory")
         options = ocp.CheckpointManagerOptions(

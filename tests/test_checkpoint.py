@@ -139,6 +139,18 @@ def test_save_every_keep_and_exact_round_trip(tmp_path):
     )
 
 
+def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+    """`--workdir runs/x` (the CLI's default is relative): Orbax itself wants absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = Checkpointer("runs/ck", save_every=1, keep=1)
+    state = make_state(scale=2.0)
+    assert ckpt.save(1, state, data_state={"i": 0}) and ckpt.directory == tmp_path / "runs" / "ck"
+    ckpt.wait()
+    assert_bit_equal(ckpt.restore(abstract_state=state)[0], state)
+    ckpt.close()
+    assert (tmp_path / "runs" / "ck" / "1").is_dir()
+
+
 def test_restore_errors_name_the_problem(tmp_path):
     ckpt = Checkpointer(tmp_path / "ck", save_every=1, keep=3, async_save=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint steps"):

@@ -24,28 +24,31 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT = {"model.num_layers": 2, "rl.steps": 20, "eval.every": 20}
 
 
-def _run_cli(args: list[str], timeout: int) -> str:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _run_cli(args: list[str], timeout: int, cwd: Path = ROOT) -> str:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                                         os.environ.get("PYTHONPATH")]))}
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)  # 1 device
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 @pytest.mark.slow
 def test_shortened_default_command_raises_held_out_pass1(tmp_path):
+    # As a new user runs it: from some folder, the default (relative) workdir runs/r1zero.
     overrides = [f"--config.{k}={v}" for k, v in SHORT.items()]
-    out = _run_cli(["-m", "r1jax.train", "--config=r1zero", "--workdir", str(tmp_path), *overrides], timeout=1500)
+    out = _run_cli(["-m", "r1jax.train", "--config=r1zero", *overrides], timeout=1500, cwd=tmp_path)
     assert "[r1jax] stage rl: done" in out
-    rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    run = tmp_path / "runs" / "r1zero"
+    rows = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("eval/pass1") is not None]
     base, final = evals[0], evals[-1]
     assert base["step"] == 0 and final["step"] == SHORT["rl.steps"]
     # 128 problems × 4 samples: a standard error of ~3 points per evaluation, ~4 for the difference.
     assert final["eval/pass1"] - base["eval/pass1"] >= 0.12, (base["eval/pass1"], final["eval/pass1"])
     for name in ("eval_pass1.png", "completion_length_mean.png", "report.md"):
-        assert (tmp_path / "rl" / name).stat().st_size > 0, name
-    report = (tmp_path / "rl" / "report.md").read_text()
+        assert (run / "rl" / name).stat().st_size > 0, name
+    report = (run / "rl" / "report.md").read_text()
     assert "base pass@1 (held-out)" in report and "final pass@1 (held-out)" in report
 
 
