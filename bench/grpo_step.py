@@ -42,6 +42,7 @@ what an implementation happens to compute); `torch.mm` is measured too, for refe
     python -m bench.grpo_step               # both frameworks, alternating
     python -m bench.grpo_step --no-trl      # r1jax alone (e.g. with --profile DIR for a trace of step 3)
     python -m bench.grpo_step --torch-threads 1   # TRL with 1 intra-op thread (outside the workload)
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m bench.grpo_step   # r1jax on 2 CPU devices
 """
 
 from __future__ import annotations
