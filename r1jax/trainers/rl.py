@@ -35,12 +35,10 @@ from r1jax.sampling import SampleOutput, SamplingConfig, sample_groups
 from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from r1jax.trainers.steps import (
     grpo_objective,
-    init_opt_state,
+    init_train_state,
     make_score_fn,
-    make_update_step,
     mesh_context,
     shard_rows,
-    shardings_of,
 )
 
 
@@ -124,13 +122,9 @@ class GRPOTrainer:
         self.optimizer = make_optimizer(config.optim)
         self.schedule = learning_rate_schedule(config.optim)
         loss_cfg = config.loss
-        # Committed to their devices, as every update's outputs are: otherwise step 2 compiles again.
-        params = jax.device_put(params, shardings_of(params))
-        with mesh_context(self.mesh):
-            opt_state = init_opt_state(self.optimizer, params)
         objective = grpo_objective(loss_cfg, temperature=config.sampling.temperature, chunk_size=config.chunk_size)
-        self._update = make_update_step(self.graphdef, self.optimizer, objective, config.micro_batches,
-                                        state_shardings=shardings_of((params, opt_state)))
+        params, opt_state, self._update = init_train_state(self.graphdef, params, self.optimizer, objective,
+                                                           config.micro_batches, mesh)
         self._score = make_score_fn(self.graphdef, temperature=config.sampling.temperature,
                                     chunk_size=config.chunk_size)
         self.params, self.opt_state = params, opt_state

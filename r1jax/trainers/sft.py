@@ -19,14 +19,7 @@ from jax.sharding import Mesh
 
 from r1jax.sampling import bucket
 from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from r1jax.trainers.steps import (
-    init_opt_state,
-    make_update_step,
-    mesh_context,
-    sft_objective,
-    shard_rows,
-    shardings_of,
-)
+from r1jax.trainers.steps import init_train_state, mesh_context, sft_objective, shard_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +75,9 @@ class SFTTrainer:
         self.graphdef, self.params = nnx.split(model)
         self.optimizer = make_optimizer(config.optim)
         self.schedule = learning_rate_schedule(config.optim)
-        # Committed to their devices, as every update's outputs are: otherwise step 2 compiles again.
-        self.params = jax.device_put(self.params, shardings_of(self.params))
-        with mesh_context(self.mesh):
-            self.opt_state = init_opt_state(self.optimizer, self.params)
-        self._update = make_update_step(self.graphdef, self.optimizer, sft_objective(chunk_size=config.chunk_size),
-                                        config.micro_batches,
-                                        state_shardings=shardings_of((self.params, self.opt_state)))
+        self.params, self.opt_state, self._update = init_train_state(
+            self.graphdef, self.params, self.optimizer, sft_objective(chunk_size=config.chunk_size),
+            config.micro_batches, mesh)
         self.step_count = 0
 
     @property

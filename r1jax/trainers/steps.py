@@ -146,6 +146,19 @@ def init_opt_state(optimizer: optax.GradientTransformation, params) -> Any:
     return jax.jit(optimizer.init, out_shardings=shardings)(params)
 
 
+def init_train_state(graphdef, params, optimizer: optax.GradientTransformation, objective: Objective,
+                     micro_batches: int, mesh: Mesh | None) -> tuple[Any, Any, Callable]:
+    """(params, opt_state, update step) for a trainer: the params committed to their devices, the
+    optimizer state sharded like them, and the update step pinned to both shardings, as its outputs
+    are (otherwise step 2, seeing new input shardings, compiles again)."""
+    params = jax.device_put(params, shardings_of(params))
+    with mesh_context(mesh):
+        opt_state = init_opt_state(optimizer, params)
+    update = make_update_step(graphdef, optimizer, objective, micro_batches,
+                              state_shardings=shardings_of((params, opt_state)))
+    return params, opt_state, update
+
+
 def shardings_of(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
