@@ -81,7 +81,7 @@ def _isolate_filesystem(root_dir):
     try:
         _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError:
-        pass  # keep the host's /proc (read-only below); nobody cannot read others' secrets there
+        pass  # keep the host's /proc, remounted read-only below; as `nobody` it cannot read others' processes
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split() for line in f]
     for fields in mounts:
