@@ -145,7 +145,7 @@ def main():
     parser.add_argument("--preset", default="qwen2.5-0.5b")
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--new-tokens", type=int, default=512)
-    parser.add_argument("--train", nargs="+", default=["16x128x896:none", "32x128x896:dots"],
+    parser.add_argument("--train", nargs="+", default=["16x128x896:none"],
                         help="ROWSxPROMPTxCOMPLETION:REMAT configurations of the update step")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
