@@ -314,11 +314,16 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
 
     # Rows of length 0 are batch padding: ended before they start, so they never delay the exit.
     done0 = _repeat_rows(prompt_lengths == 0, g)
+    if config.eos_ids and config.min_new_tokens < n_new:
+        running = lambda c: ~jnp.all(c[3])
+    else:  # no row can stop before N: test once, not per step (with rows sharded, a cross-device all-reduce)
+        live = ~jnp.all(done0)
+        running = lambda c: live
     carry = (jnp.int32(0), cache, logits, done0, jnp.zeros(b, jnp.int32), out0)
     for end in phases:
         step, cache, *rest = carry
         carry = (step, _extend_cache(cache, slots + end), *rest)
-        carry = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & ~jnp.all(c[3]), body, carry)
+        carry = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & running(c), body, carry)
     steps, _, _, done, n_tokens, (toks, logp, plogp) = carry
     return SampleOutput(
         tokens=toks.T, mask=jnp.arange(n_new)[None, :] < n_tokens[:, None], lengths=n_tokens, truncated=~done,

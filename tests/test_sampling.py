@@ -316,6 +316,15 @@ def test_loop_exits_early_once_every_row_has_stopped(split_model, greedy_free):
     assert int(sample_groups(graphdef, state, PROMPTS, 2, jax.random.key(0), GREEDY).steps) == N
 
 
+def test_batch_of_padding_rows_runs_no_step(split_model):
+    """Also where no row can stop early (no stop ids; stops banned to the end), whose loop tests no row."""
+    graphdef, state = split_model
+    tokens, lengths = jnp.zeros((2, 16), jnp.int32), jnp.zeros(2, jnp.int32)
+    for config in (GREEDY, GREEDY.replace(eos_ids=(2,)), GREEDY.replace(eos_ids=(2,), min_new_tokens=N)):
+        out = sampling.generate(graphdef, state, tokens, lengths, jax.random.key(0), config)
+        assert int(out.steps) == 0 and not np.any(out.mask)
+
+
 def test_min_new_tokens_bans_stop_ids_until_reached(split_model, greedy_free):
     graphdef, state = split_model
     stop = tuple(sorted({int(t) for t in greedy_free[:, 1]}))
