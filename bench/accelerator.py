@@ -36,6 +36,7 @@ from r1jax.metrics import peak_flops_per_device
 from r1jax.model import get_preset, init_model
 from r1jax.sampling import SamplingConfig, decode_phases, generate
 from r1jax.trainers.optim import OptimConfig, make_optimizer
+from r1jax.trainers.rl import forward_flops
 from r1jax.trainers.steps import grpo_objective, init_train_state
 
 PROMPT_TOKENS = 16
@@ -96,12 +97,6 @@ def bench_decode(cfg, batch: int, new_tokens: int, bandwidths: dict[str, float])
     return out
 
 
-def train_flops(cfg, rows: int, prompt: int, completion: int) -> float:
-    """Model FLOPs of one update (fwd + bwd = 3 × forward) over full rows; LM head on completions only."""
-    head = 2.0 * cfg.vocab_size * cfg.hidden_size
-    seq = prompt + completion
-    forward = sum(cfg.flops_per_token(i) - head for i in range(1, seq + 1)) + completion * head
-    return 3.0 * rows * forward
 
 
 def bench_train(cfg, rows: int, prompt: int, completion: int, peak: float | None) -> dict[str, float]:
@@ -131,7 +126,7 @@ def bench_train(cfg, rows: int, prompt: int, completion: int, peak: float | None
         return metrics["loss"]
 
     seconds = median_seconds(step, 5)
-    flops = train_flops(cfg, rows, prompt, completion)
+    flops = 3 * forward_flops(cfg, 0, np.full(rows, prompt + completion), logits=completion)  # fwd + bwd
     out = {"rows": rows, "prompt": prompt, "completion": completion, "remat": cfg.remat,
            "init_seconds": init_seconds, "compile_seconds": compile_seconds, "seconds": seconds,
            "tokens_per_s": rows * (prompt + completion) / seconds, "tflops_per_s": flops / seconds / 1e12}

@@ -34,7 +34,8 @@ policy pass per TRL step (no old-log-prob pass), no recompilation in r1jax after
 
 Roofline: the step's model FLOPs (generation: 2 × matmul parameters per token plus attention over
 the context, each distinct prompt prefilled once; one reference forward and one policy
-forward + backward ≈ 3 × forward over 64 × 80 tokens) per second, divided by the fp32 matmul
+forward + backward ≈ 3 × forward over 64 × 80 tokens, the LM head where logits are taken) per
+second, divided by the fp32 matmul
 FLOP/s measured in the same run (a 2048³ jitted `jnp.dot`, as bench/sampler.py), per wall second
 and per CPU second. The same FLOP count serves both frameworks (it is the workload's work, not
 what an implementation happens to compute); `torch.mm` is measured too, for reference.
@@ -88,7 +89,7 @@ def step_flops(cfg) -> float:
     rows = PROMPTS_PER_STEP * GROUP
     prompt_lengths = np.full(rows, PROMPT_TOKENS)
     generate = generation_flops(cfg, prompt_lengths, np.full(rows, NEW_TOKENS), GROUP)
-    return generate + (1 + 3) * forward_flops(cfg, 0, prompt_lengths + NEW_TOKENS)
+    return generate + (1 + 3) * forward_flops(cfg, 0, prompt_lengths + NEW_TOKENS, logits=NEW_TOKENS)
 
 
 class StepClock:

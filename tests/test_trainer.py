@@ -253,15 +253,22 @@ def test_micro_batches_give_the_one_big_batch_update(initial):
 
 
 def test_forward_flops_sum_flops_per_token_over_positions():
+    head = 2 * MODEL.vocab_size * MODEL.hidden_size
+    assert MODEL.flops_per_token(9) - MODEL.flops_per_token(9, head=False) == head
     rng = np.random.default_rng(0)
     for _ in range(5):
         start, stop = sorted(rng.integers(0, 100, 2))
         brute = sum(MODEL.flops_per_token(i) for i in range(start + 1, stop + 1))
         assert forward_flops(MODEL, start, stop) == pytest.approx(brute, rel=1e-12)
-    # prefill once per distinct prompt, then one forward per completion token of each of the G rows
+        # the LM head on the last 3 tokens only (log-probs of a completion)
+        brute = sum(MODEL.flops_per_token(i, head=i > stop - 3) for i in range(start + 1, stop + 1))
+        assert forward_flops(MODEL, start, stop, logits=min(3, stop - start)) == pytest.approx(brute, rel=1e-12)
+    # prefill once per distinct prompt (the head on its last token: every row's first draw), then one
+    # forward per further completion token of each of the G rows
     prompts, completions = np.array([5, 5, 5, 7, 7, 7]), np.array([1, 4, 0, 2, 2, 3])
-    expected = (forward_flops(MODEL, 0, 5) + forward_flops(MODEL, 0, 7)
-                + sum(forward_flops(MODEL, p, p + c) for p, c in zip(prompts, completions, strict=True)))
+    expected = sum(MODEL.flops_per_token(i, head=i == p) for p in (5, 7) for i in range(1, p + 1))
+    expected += sum(MODEL.flops_per_token(i) for p, c in zip(prompts, completions, strict=True)
+                    for i in range(p + 1, p + c))
     assert generation_flops(MODEL, prompts, completions, 3) == pytest.approx(expected, rel=1e-12)
 
 

@@ -95,11 +95,13 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * layer + d + head
 
-    def flops_per_token(self, context: int) -> float:
-        """Forward FLOPs per token: 2 × matmul params + attention over `context` keys."""
+    def flops_per_token(self, context: int, *, head: bool = True) -> float:
+        """Forward FLOPs per token: 2 × matmul params + attention over `context` keys; `head=False`
+        leaves out the LM head (2 × vocab × hidden), for a token whose logits are not computed."""
         d, h, k = self.hidden_size, self.num_heads, self.head_dim
         matmul_params = self.num_params - self.vocab_size * d * (0 if self.tie_word_embeddings else 1)
         matmul_params -= (2 * self.num_layers + 1) * d  # norms do no matmul
+        matmul_params -= 0 if head else self.vocab_size * d
         attention = 2 * 2 * self.num_layers * h * k * context  # q·k and p·v
         return 2.0 * matmul_params + attention
 

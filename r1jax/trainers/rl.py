@@ -10,7 +10,8 @@ random draw derives from (seed, step), and the data iterator's state is checkpoi
 run repeats exactly what an uninterrupted one does.
 
 `perf/flops_per_s` counts model FLOPs from the config (`ModelConfig.flops_per_token`): prefill and
-decode of the real tokens, the reference forward, and 3 × forward per update pass; `perf/mfu`
+decode of the real tokens, the reference forward, and 3 × forward per update pass, the LM head only
+where logits are computed (each prompt's last token, the completion tokens); `perf/mfu`
 divides it by the devices' dense bf16 peak where that is known (not on CPU).
 """
 
@@ -238,29 +239,35 @@ class GRPOTrainer:
         metrics["time/step"] = time.perf_counter() - t0
         metrics["tokens_per_s"] = float(host["lengths"].sum()) / metrics["time/step"]
         # Model FLOPs of the work done on the real rows: reference forward (β > 0) and μ passes of
-        # forward + backward (3 × forward) over prompt + completion, on top of generation.
+        # forward + backward (3 × forward) over prompt + completion, the LM head on the completion
+        # tokens only (the log-probs taken), on top of generation.
         real = host["mask"].any(axis=1)
         seq = host["prompt_mask"][real].sum(1) + host["lengths"][real]
-        flops += (3 * cfg.loss.num_iterations + (cfg.loss.beta > 0)) * forward_flops(self.model_config, 0, seq)
+        flops += (3 * cfg.loss.num_iterations + (cfg.loss.beta > 0)) * forward_flops(
+            self.model_config, 0, seq, logits=host["lengths"][real])
         metrics["perf/flops_per_s"] = flops / metrics["time/step"]
         if self._peak_flops is not None:
             metrics["perf/mfu"] = metrics["perf/flops_per_s"] / (self._peak_flops * self._num_devices)
         return metrics
 
 
-def forward_flops(cfg: ModelConfig, start, stop) -> float:
+def forward_flops(cfg: ModelConfig, start, stop, logits=None) -> float:
     """Forward FLOPs over the tokens at positions start+1 … stop of each sequence (arrays allowed), each
-    token attending to every position up to its own: Σ flops_per_token(i) = n · flops_per_token(mean i)."""
+    token attending to every position up to its own: Σ flops_per_token(i) = n · flops_per_token(mean i).
+    `logits`: on how many of each sequence's tokens the LM head runs (default: all of them)."""
     start, stop = np.asarray(start, np.float64), np.asarray(stop, np.float64)
-    return float(np.sum((stop - start) * cfg.flops_per_token((start + stop + 1) / 2)))
+    body = np.sum((stop - start) * cfg.flops_per_token((start + stop + 1) / 2, head=False))
+    head = cfg.flops_per_token(0) - cfg.flops_per_token(0, head=False)
+    return float(body + head * np.sum(stop - start if logits is None else np.broadcast_to(logits, np.shape(stop))))
 
 
 def generation_flops(cfg: ModelConfig, prompt_lengths: np.ndarray, completion_lengths: np.ndarray,
                      group_size: int) -> float:
-    """Sampling FLOPs of B = P·G rows: each distinct prompt prefilled once, then one forward per
-    completion token of every row (padding slots and bucketing not counted)."""
-    return (forward_flops(cfg, 0, prompt_lengths[::group_size])
-            + forward_flops(cfg, prompt_lengths, prompt_lengths + completion_lengths))
+    """Sampling FLOPs of B = P·G rows: each distinct prompt prefilled once (logits of its last token:
+    a row's first draw), then one forward per further completion token of every row (padding slots,
+    bucketing and the loop's forward after the last draw not counted)."""
+    return (forward_flops(cfg, 0, prompt_lengths[::group_size], logits=1)
+            + forward_flops(cfg, prompt_lengths, prompt_lengths + np.maximum(completion_lengths - 1, 0)))
 
 
 def _host_rows(out: SampleOutput, adv: np.ndarray, rewards: np.ndarray, keep: np.ndarray) -> dict[str, np.ndarray]:
