@@ -45,10 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from r1jax.model import KVCache, init_cache
 from r1jax.model.transformer import rope_frequencies, rope_tables
-from r1jax.sharding import DEFAULT_RULES, constrain
+from r1jax.sharding import DEFAULT_RULES, constrain, global_rows, host_rows
 
 _NEG_INF = -jnp.inf
 
@@ -403,7 +404,8 @@ def sample_groups(
     prompts: token-id lists, or (tokens [P, L] right-padded, lengths [P]). The output has P·G rows
     (padding rows removed), prompt-major. `mesh`: run sharded there with the parameters where they
     already are (rows over the `batch` axis; the prompt count is bucketed so that the rows divide
-    evenly over its shards).
+    evenly over its shards). On several hosts each process passes its own prompts (the same count on
+    every one), the rows run on its own devices and it gets back its own P·G rows.
     """
     if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
         tokens, lengths = np.asarray(prompts[0]), np.asarray(prompts[1])
@@ -412,17 +414,26 @@ def sample_groups(
         prompts = [row[:n].tolist() for row, n in zip(tokens, lengths, strict=True)]
     n_prompts = len(prompts)
     longest = max((len(p) for p in prompts), default=0)
+    if mesh is not None and jax.process_count() > 1:  # every process must pad to the same shapes
+        counts = multihost_utils.process_allgather(np.asarray([n_prompts, longest]))
+        if np.any(counts[:, 0] != n_prompts):
+            raise ValueError(f"every process must sample the same number of prompts: got {counts[:, 0].tolist()}")
+        longest = int(counts[:, 1].max())
     max_positions = _model_config(graphdef, state).max_position_embeddings
     if longest + config.max_new_tokens > max_positions:
         raise ValueError(f"longest prompt {longest} + sampling.max_new_tokens={config.max_new_tokens} exceeds "
                          f"model.max_position_embeddings={max_positions}")
-    shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in DEFAULT_RULES.mesh_axes("batch"))
-    tokens, lengths = pad_prompts(prompts, config.pad_id, min_prompt_length, shards // math.gcd(shards, group_size))
+    # The batch shards over which this process's rows spread (all of them on one host).
+    shards = 1 if mesh is None else math.prod(mesh.local_mesh.shape[a] for a in DEFAULT_RULES.mesh_axes("batch"))
+    tokens, lengths = pad_prompts(prompts, config.pad_id, bucket(longest, min_prompt_length),
+                                  shards // math.gcd(shards, group_size))
     if mesh is None:
         out = generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key, config, group_size)
     else:
         with jax.set_mesh(mesh):
-            out = generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key, config, group_size)
+            out = generate(graphdef, state, global_rows(tokens, mesh), global_rows(lengths, mesh), key, config,
+                           group_size)
+        out = out._replace(**{f: host_rows(getattr(out, f), mesh) for f in SampleOutput._fields if f != "steps"})
     if tokens.shape[0] == n_prompts:
         return out
     rows = n_prompts * group_size

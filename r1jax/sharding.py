@@ -19,7 +19,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -119,6 +121,40 @@ def spec_for(
 
 def named_sharding(shape, logical, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, spec_for(shape, logical, mesh, rules))
+
+
+def row_blocks(mesh: Mesh) -> int:
+    """Into how many process-held blocks the mesh's `batch` axes cut the rows of a batch."""
+    axes = DEFAULT_RULES.mesh_axes("batch")
+    return math.prod(mesh.shape[a] for a in axes) // math.prod(mesh.local_mesh.shape[a] for a in axes)
+
+
+def _row_spec(rows: int, ndim: int, mesh: Mesh) -> PartitionSpec:
+    """The spec of a global batch of `rows` rows: rows over the table's `batch` axes. Where those axes
+    span processes the rows must split evenly: each process's rows live on its own devices only, so a
+    replicated batch would be wrong, not merely slower."""
+    spec = spec_for((rows,) + (1,) * (ndim - 1), ("batch",) + (None,) * (ndim - 1), mesh)
+    if row_blocks(mesh) > 1 and spec[0] is None:
+        raise ValueError(f"a batch of {rows} rows does not split over the mesh's batch axes "
+                         f"{DEFAULT_RULES.mesh_axes('batch')} across {jax.process_count()} processes")
+    return spec
+
+
+def global_rows(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """This process's rows of a batch → the global array, rows over the mesh's `batch` axes, each
+    process's rows on its own devices (one process: a `device_put`; no mesh: the default device)."""
+    if mesh is None:
+        return jnp.asarray(x)
+    return multihost_utils.host_local_array_to_global_array(x, mesh, _row_spec(x.shape[0] * row_blocks(mesh),
+                                                                                x.ndim, mesh))
+
+
+def host_rows(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """The inverse of `global_rows`: the rows of a row-sharded global array that this process holds
+    (one process: `x` itself)."""
+    if x.is_fully_addressable:
+        return x
+    return multihost_utils.global_array_to_host_local_array(x, mesh, _row_spec(x.shape[0], x.ndim, mesh))
 
 
 _active_rules: list[ShardingRules] = [DEFAULT_RULES]

@@ -33,13 +33,13 @@ from r1jax.metrics import peak_flops_per_device
 from r1jax.model import ModelConfig
 from r1jax.rewards import CombinedReward
 from r1jax.sampling import SampleOutput, SamplingConfig, sample_groups
+from r1jax.sharding import global_rows
 from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from r1jax.trainers.steps import (
     grpo_objective,
     init_train_state,
     make_score_fn,
     mesh_context,
-    shard_rows,
 )
 
 
@@ -202,7 +202,7 @@ class GRPOTrainer:
                 break
         host = _assemble(kept, cfg.prompts_per_step * g)
         host_only = ("rewards", "lengths", "truncated")
-        batch_dev = {k: shard_rows(v, self.mesh) for k, v in host.items() if k not in host_only}
+        batch_dev = {k: global_rows(v, self.mesh) for k, v in host.items() if k not in host_only}
 
         ref_time = 0.0
         if cfg.loss.beta > 0:

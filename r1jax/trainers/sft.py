@@ -18,8 +18,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from r1jax.sampling import bucket
+from r1jax.sharding import global_rows
 from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from r1jax.trainers.steps import init_train_state, mesh_context, sft_objective, shard_rows
+from r1jax.trainers.steps import init_train_state, mesh_context, sft_objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ class SFTTrainer:
     def step(self, next_batch: Callable[[], Sequence[tuple[Sequence[int], Sequence[int]]]]) -> dict[str, float]:
         """One optimizer step on the next batch of (prompt ids, completion ids) pairs."""
         pairs = next_batch()
-        batch = {k: shard_rows(v, self.mesh) for k, v in sft_batch(pairs, self.pad_id, self.config.max_length).items()}
+        batch = {k: global_rows(v, self.mesh) for k, v in sft_batch(pairs, self.pad_id, self.config.max_length).items()}
         with mesh_context(self.mesh):
             self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, batch)
         self.step_count += 1

@@ -20,13 +20,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.grpo import GRPOConfig, batch_counts, chunked_token_logprobs, grpo_loss
-from r1jax.sharding import spec_for
 
 Batch = dict[str, jax.Array]
 Objective = Callable[[nnx.Module, Batch, tuple[jax.Array, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -175,10 +173,3 @@ def make_score_fn(graphdef, *, temperature: float = 1.0, chunk_size: int = 512):
 def mesh_context(mesh: Mesh | None):
     """`jax.set_mesh(mesh)`, or nothing when running unsharded."""
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-
-
-def shard_rows(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
-    """A host array placed with its rows over the mesh's `batch` axes (the table decides which)."""
-    if mesh is None:
-        return jnp.asarray(x)
-    return jax.device_put(x, NamedSharding(mesh, spec_for(x.shape, ("batch",) + (None,) * (x.ndim - 1), mesh)))
