@@ -29,11 +29,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from r1jax.grpo import GRPOConfig
 from r1jax.metrics import peak_flops_per_device
-from r1jax.model import get_preset, init_model
+from r1jax.model import abstract_model, get_preset
 from r1jax.sampling import SamplingConfig, decode_phases, generate
 from r1jax.trainers.optim import OptimConfig, make_optimizer
 from r1jax.trainers.rl import forward_flops
@@ -75,8 +74,17 @@ def kv_bytes_per_token(cfg) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
+def random_model(cfg):
+    """(graphdef, state) of normal(0, 0.02) parameters drawn on the host: `init_model`'s one jitted
+    initialiser compiles every parameter's RNG separately, which took minutes on the H100 (see RESULTS)."""
+    graphdef, abstract = abstract_model(cfg)
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda x: jnp.asarray(0.02 * rng.standard_normal(x.shape, np.float32), x.dtype), abstract)
+    return graphdef, state
+
+
 def bench_decode(cfg, batch: int, new_tokens: int, bandwidths: dict[str, float]) -> dict[str, float]:
-    graphdef, state = nnx.split(init_model(cfg, seed=0))
+    graphdef, state = random_model(cfg)
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, PROMPT_TOKENS)), jnp.int32)
     lengths = jnp.full((batch,), PROMPT_TOKENS, jnp.int32)
@@ -101,7 +109,7 @@ def bench_decode(cfg, batch: int, new_tokens: int, bandwidths: dict[str, float])
 
 def bench_train(cfg, rows: int, prompt: int, completion: int, peak: float | None) -> dict[str, float]:
     start = time.perf_counter()
-    graphdef, params = nnx.split(init_model(cfg, seed=0))
+    graphdef, params = random_model(cfg)
     loss = GRPOConfig.preset("grpo", group_size=8, beta=0.04)
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-6, max_grad_norm=1.0))
     objective = grpo_objective(loss, temperature=1.0, chunk_size=completion)
