@@ -93,6 +93,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     parser.add_argument("--hf-1thread", action="store_true", help="also time HF with 1 torch thread")
+    parser.add_argument("--hf-attn", default="sdpa", help="HF's attn_implementation (sdpa: transformers' default)")
     args = parser.parse_args()
 
     tokenizer = build_tokenizer()
@@ -101,7 +102,7 @@ def main():
     mesh = make_mesh(data=jax.device_count(), fsdp=1, tensor=1) if jax.device_count() > 1 else None
     graphdef, state = nnx.split(workload.r1jax_model(mesh))
     cfg = nnx.merge(graphdef, state).cfg
-    hf = None if args.no_hf else workload.hf_model()
+    hf = None if args.no_hf else workload.hf_model(args.hf_attn)
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; jax {jax.__version__} "
           f"({jax.devices()[0].platform} × {jax.device_count()})")
@@ -110,7 +111,8 @@ def main():
           f"{roof_cpu / 1e9:.1f} per CPU second")
 
     for n in args.new_tokens:
-        print(f"batch {BATCH} × {PROMPT_TOKENS}-token prompts × {n} new tokens (forced), temperature 1.0")
+        print(f"batch {BATCH} × {PROMPT_TOKENS}-token prompts × {n} new tokens (forced), temperature 1.0; "
+              f"HF attention {args.hf_attn}")
 
         def ours(i, n=n):
             return run_r1jax(texts, tokenizer, graphdef, state, n, jax.random.key(i), mesh)

@@ -126,13 +126,15 @@ def hf_weights() -> dict[str, np.ndarray]:
     return w
 
 
-def hf_model():
-    """`transformers.Qwen2ForCausalLM` (torch, fp32, eager attention, 2 intra-op threads), eval mode."""
+def hf_model(attn: str = "sdpa"):
+    """`transformers.Qwen2ForCausalLM` (torch, fp32, 2 intra-op threads), eval mode. `attn`: its
+    attention implementation; transformers' default `sdpa` is the faster one here (on the generation
+    workload 4.0k tokens/s against 3.1k for `eager`, interleaved in one process)."""
     import torch
     import transformers
 
     torch.set_num_threads(TORCH_THREADS)
-    cfg = transformers.Qwen2Config(**HF_CONFIG, attn_implementation="eager", dtype=torch.float32)
+    cfg = transformers.Qwen2Config(**HF_CONFIG, attn_implementation=attn, dtype=torch.float32)
     model = transformers.Qwen2ForCausalLM(cfg).eval()
     weights = {k: torch.from_numpy(a) for k, a in hf_weights().items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
