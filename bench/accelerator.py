@@ -105,8 +105,6 @@ def bench_decode(cfg, batch: int, new_tokens: int, bandwidths: dict[str, float])
     return out
 
 
-
-
 def bench_train(cfg, rows: int, prompt: int, completion: int, peak: float | None) -> dict[str, float]:
     start = time.perf_counter()
     graphdef, params = random_model(cfg)
@@ -143,6 +141,11 @@ def bench_train(cfg, rows: int, prompt: int, completion: int, peak: float | None
     return out
 
 
+def report(kind: str, result: dict) -> None:
+    print(kind + " " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()),
+          flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen2.5-0.5b")
@@ -163,9 +166,7 @@ def main():
     cfg = get_preset(args.preset, param_dtype="bfloat16", dtype="bfloat16")
     print(f"model: {args.preset}, {cfg.num_params / 1e6:.0f}M parameters")
     for b in [] if args.skip_decode else args.decode_batches:
-        r = bench_decode(cfg, b, args.new_tokens, bandwidths)
-        print("decode " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
-              flush=True)
+        report("decode", bench_decode(cfg, b, args.new_tokens, bandwidths))
     if args.skip_train:
         return
     peak = peak_flops_per_device(device)
@@ -175,12 +176,9 @@ def main():
         rows, prompt, completion = (int(x) for x in shape.split("x"))
         train_cfg = get_preset(args.preset, param_dtype="float32", dtype="bfloat16", remat=remat)
         try:
-            r = bench_train(train_cfg, rows, prompt, completion, peak)
+            report("train", bench_train(train_cfg, rows, prompt, completion, peak))
         except Exception as e:  # noqa: BLE001 — an out-of-memory configuration is reported, the next one runs
             print(f"train {spec}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        print("train " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
-              flush=True)
 
 
 if __name__ == "__main__":
