@@ -157,6 +157,23 @@ def host_rows(x: jax.Array, mesh: Mesh) -> jax.Array:
     return multihost_utils.global_array_to_host_local_array(x, mesh, _row_spec(x.shape[0], x.ndim, mesh))
 
 
+
+def gather_processes(tree):
+    """Every process's host arrays, concatenated along axis 0 in process order (one process: `tree`)."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def sum_processes(x: np.ndarray) -> np.ndarray:
+    """The sum over processes of a host array (one process: `x`)."""
+    return x if jax.process_count() == 1 else np.asarray(multihost_utils.process_allgather(x)).sum(0)
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether `flag` holds on every process: a decision they all take together."""
+    return flag if jax.process_count() == 1 else bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
 _active_rules: list[ShardingRules] = [DEFAULT_RULES]
 
 

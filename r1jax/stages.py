@@ -77,10 +77,19 @@ def rewards_of(c: ConfigDict) -> CombinedReward:
     return combine({name: (name, float(w)) for name, w in c.rl.rewards.items()})
 
 
+def per_process(batch_size: int, name: str) -> int:
+    """This process's share of a global batch (configs give global sizes; each host loads its share)."""
+    if batch_size % jax.process_count():
+        raise ValueError(f"{name}={batch_size} must split evenly over {jax.process_count()} processes")
+    return batch_size // jax.process_count()
+
+
 def batches_of(items: list[Any], batch_size: int, seed: int):
-    """A checkpointable iterator of shuffled batches (lists), repeating forever, sharded per host."""
+    """A checkpointable iterator of shuffled global batches of `batch_size` (lists), repeating forever:
+    each host reads its own shard and yields its share of every batch."""
     shard = items[jax.process_index()::jax.process_count()]
-    ds = grain.MapDataset.source(shard).shuffle(seed=seed).repeat(None).batch(batch_size, batch_fn=list)
+    ds = grain.MapDataset.source(shard).shuffle(seed=seed).repeat(None).batch(per_process(batch_size, "batch_size"),
+                                                                                batch_fn=list)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
 
 
@@ -136,7 +145,8 @@ def rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module,
     cfg = rl_config(c, tok.eos_id, tok.pad_id)
     reward = rewards_of(c)
     pool = RewardPool(num_workers=r.reward_workers, timeout=r.reward_timeout) if r.reward_workers else None
-    prompts = prompt_dataset(ctx.records("train"), c.data.template, tok, r.prompts_per_step, seed=c.seed,
+    prompts = prompt_dataset(ctx.records("train"), c.data.template, tok,
+                             per_process(r.prompts_per_step, "rl.prompts_per_step"), seed=c.seed,
                              shard_index=jax.process_index(), shard_count=jax.process_count(),
                              max_prompt_length=c.data.max_prompt_length)
     trainer = GRPOTrainer(cfg, model, tok, reward, mesh=ctx.mesh, reward_pool=pool)

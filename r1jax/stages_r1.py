@@ -50,7 +50,7 @@ from r1jax.rewards.format import follows_r1_format, follows_r1_zero_format
 from r1jax.rewards.math import extract_answer
 from r1jax.rewards.preference import harmlessness_reward, helpfulness_reward, only_for, r1_language_reward
 from r1jax.sampling import SamplingConfig
-from r1jax.stages import batches_of, grpo_run_config, optim_config
+from r1jax.stages import batches_of, grpo_run_config, optim_config, per_process
 from r1jax.trainers.loop import run_loop
 from r1jax.trainers.rl import GRPOTrainer
 from r1jax.trainers.sft import SFTConfig, SFTTrainer
@@ -233,7 +233,8 @@ class GRPORun:
         c, tok = ctx.config, ctx.tokenizer
         self.ctx, self.stage_dir, self.template = ctx, stage_dir, template
         cfg = grpo_run_config(section, sampling_config(section, tok), c.seed)
-        self.prompts = iter(prompt_dataset(records, template, tok, section.prompts_per_step, seed=c.seed,
+        per_host = per_process(section.prompts_per_step, "prompts_per_step")
+        self.prompts = iter(prompt_dataset(records, template, tok, per_host, seed=c.seed,
                                            shard_index=jax.process_index(), shard_count=jax.process_count(),
                                            max_prompt_length=c.data.max_prompt_length))
         workers = section.get("reward_workers", 0)

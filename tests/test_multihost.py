@@ -1,4 +1,5 @@
-"""Several hosts, simulated by 2 local processes of 4 CPU devices each (gloo collectives)."""
+"""Several hosts, simulated by 2 local processes of 4 CPU devices each (gloo collectives), against one
+process of 8 devices doing the same global work."""
 
 import os
 import socket
@@ -8,11 +9,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import multihost_sampling as worker  # noqa: E402
+import multihost_worker as worker  # noqa: E402
+from test_trainer import initial_params  # noqa: E402
 
 from r1jax.sampling import sample_groups  # noqa: E402
+from r1jax.sharding import make_mesh  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,19 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_processes(mode: str, tmp_path: Path) -> list[dict[str, np.ndarray]]:
+    port, env = free_port(), {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, worker.__file__, mode, str(i), str(port), str(tmp_path / f"{i}.npz")],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    for p in procs:
+        output = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, output[-3000:]
+    return [dict(np.load(tmp_path / f"{i}.npz")) for i in range(2)]
+
+
 def test_sampling_on_two_processes_equals_one_process(tmp_path):
     """Each process samples its own prompts on a mesh over both processes' devices and gets back its
     own rows: together they equal one process sampling all the prompts (same key, same global rows)."""
-    port, env = free_port(), {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, worker.__file__, str(i), str(port), str(tmp_path / f"{i}.npz")], env=env,
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    for p in procs:
-        output = p.communicate(timeout=300)[0]
-        assert p.returncode == 0, output[-3000:]
-    parts = [np.load(tmp_path / f"{i}.npz") for i in range(2)]
-
+    parts = run_two_processes("sample", tmp_path)
     graphdef, state = worker.model()
     ref = sample_groups(graphdef, state, worker.PROMPTS, worker.GROUP, jax.random.key(worker.SEED),
                         worker.sampling_config())
@@ -47,3 +54,23 @@ def test_sampling_on_two_processes_equals_one_process(tmp_path):
         np.testing.assert_allclose(got, np.asarray(getattr(ref, field)), atol=1e-5, rtol=0, err_msg=field)
     assert parts[0]["prompt_tokens"].shape == (16, 32)  # padded to process 1's longest prompt
     assert np.any(np.asarray(ref.mask).sum(1) < 12) and np.any(np.asarray(ref.mask).sum(1) == 12)
+
+
+@pytest.mark.slow  # three trainers compile (~2 min on 2 cores)
+def test_grpo_steps_on_two_processes_equal_one_process(tmp_path):
+    """test_trainer's GRPO run (β > 0, μ = 2, 2 minibatches of 2 micro-batches) for 3 steps, each process
+    sampling and scoring half of every step's prompts: the parameters and the step metrics (rewards,
+    lengths, KL, clip fractions, …, all of the global batch) equal one process doing all of it on the
+    same (2, 2, 2) mesh."""
+    parts = run_two_processes("grpo", tmp_path)
+    trainer, history = worker.grpo_run(make_mesh(2, 2, 2))
+    expected = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trainer.params))]
+    for part in parts:
+        for i, x in enumerate(expected):
+            np.testing.assert_allclose(part[f"param{i}"], x, atol=1e-5, rtol=1e-5, err_msg=f"parameter {i}")
+        metrics = {k.removeprefix("metric/"): v for k, v in part.items() if k.startswith("metric/")}
+        assert {"reward/mean", "train/kl", "completion/length_mean"} <= set(metrics)
+        for k, v in metrics.items():
+            np.testing.assert_allclose(v, [m[k] for m in history], rtol=1e-5, atol=1e-6, err_msg=k)
+    initial = jax.tree.leaves(initial_params()[1])
+    assert max(float(np.max(np.abs(x - y))) for x, y in zip(expected, initial, strict=True)) > 1e-4  # it trained

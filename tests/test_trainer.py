@@ -91,6 +91,10 @@ def rl_config(**changes):
 
 @pytest.fixture(scope="module")
 def initial():
+    return initial_params()
+
+
+def initial_params():
     """graphdef and seeded parameters drawn on the host (norm scales 1, matrices N(0, 0.1²))."""
     graphdef, abstract = abstract_model(MODEL)
     rng = np.random.default_rng(0)

@@ -33,7 +33,7 @@ from r1jax.metrics import peak_flops_per_device
 from r1jax.model import ModelConfig
 from r1jax.rewards import CombinedReward
 from r1jax.sampling import SampleOutput, SamplingConfig, sample_groups
-from r1jax.sharding import global_rows
+from r1jax.sharding import DEFAULT_RULES, all_processes, gather_processes, global_rows, row_blocks, sum_processes
 from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from r1jax.trainers.steps import (
     grpo_objective,
@@ -45,7 +45,9 @@ from r1jax.trainers.steps import (
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """One GRPO run. P = prompts_per_step prompts × G = loss.group_size completions per step.
+    """One GRPO run. P = prompts_per_step prompts × G = loss.group_size completions per step (the global
+    batch: on several hosts each process samples and scores P / processes prompts, whose rows form one
+    batch on the mesh; metrics describe all of it).
 
     num_minibatches: optimizer steps per pass over the P·G completions (μ passes in all,
       μ = loss.num_iterations). micro_batches: gradient accumulation inside one optimizer step.
@@ -113,6 +115,15 @@ class GRPOTrainer:
         mesh: Mesh | None = None,
         reward_pool=None,
     ):
+        # Processes holding distinct rows: each samples and scores prompts_per_step / processes prompts.
+        self.processes = 1 if mesh is None else row_blocks(mesh)
+        if self.processes != jax.process_count():
+            raise ValueError(f"the mesh's batch axes {DEFAULT_RULES.mesh_axes('batch')} must span the "
+                             f"{jax.process_count()} processes, each process's rows on its own devices "
+                             f"(mesh {dict(mesh.shape)})")
+        if config.prompts_per_step % self.processes:
+            raise ValueError(f"rl.prompts_per_step={config.prompts_per_step} must split evenly over "
+                             f"{self.processes} processes")
         self.config = config
         self.tokenizer = tokenizer
         self.reward = reward
@@ -171,10 +182,11 @@ class GRPOTrainer:
         step = self.step_count
         times: dict[str, float] = {}
         t0 = time.perf_counter()
+        rows = cfg.prompts_per_step * g  # the global batch; this process samples local_rows of it
+        local_rows = rows // self.processes
         kept: list[dict[str, np.ndarray]] = []
         columns: dict[str, list] = {}
         sampled_groups = zero_groups = 0
-        texts_all: list[str] = []
         flops = 0.0
         for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
             batch = batches()
@@ -197,10 +209,9 @@ class GRPOTrainer:
             kept.append(_host_rows(out, adv, rewards, keep))
             for name, col in info["columns"].items():
                 columns.setdefault(name, []).extend(np.asarray(col, dtype=object)[keep].tolist())
-            texts_all.extend(np.asarray(info["texts"], dtype=object)[keep].tolist())
-            if sum(len(k["advantages"]) for k in kept) >= cfg.prompts_per_step * g:
+            if all_processes(sum(len(k["advantages"]) for k in kept) >= local_rows):
                 break
-        host = _assemble(kept, cfg.prompts_per_step * g)
+        host = _assemble(kept, local_rows)
         host_only = ("rewards", "lengths", "truncated")
         batch_dev = {k: global_rows(v, self.mesh) for k, v in host.items() if k not in host_only}
 
@@ -214,7 +225,6 @@ class GRPOTrainer:
 
         t = time.perf_counter()
         update_metrics = []
-        rows = cfg.prompts_per_step * g
         mb = rows // cfg.num_minibatches
         params, opt_state = self.params, self.opt_state
         with mesh_context(self.mesh):
@@ -233,6 +243,12 @@ class GRPOTrainer:
         if cfg.loss.beta > 0 and cfg.ref_update_every and self.step_count % cfg.ref_update_every == 0:
             self.ref_params = jax.tree.map(jnp.copy, params)
 
+        # Metrics describe the global batch: every process's rows, in the global order.
+        columns = {name: np.asarray([np.nan if v is None else v for v in col], np.float64)
+                   for name, col in columns.items()}
+        host, columns = gather_processes(
+            ({k: host[k] for k in ("rewards", "lengths", "truncated", "mask", "prompt_mask")}, columns))
+        sampled_groups, zero_groups, flops = sum_processes(np.asarray([sampled_groups, zero_groups, flops]))
         metrics = _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups, zero_groups)
         updates_per_step = cfg.loss.num_iterations * cfg.num_minibatches
         metrics["train/lr"] = float(self.schedule(self.step_count * updates_per_step - 1))
@@ -316,8 +332,8 @@ def _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups
         "time/update": times.get("update", 0.0),
     }
     for name, col in columns.items():
-        judged = [v for v in col if v is not None]
-        if judged:
+        judged = col[~np.isnan(col)]  # NaN: not judged by this reward
+        if judged.size:
             metrics[f"reward/{name}"] = float(np.mean(judged))
             metrics[f"reward/{name}_std"] = float(np.std(judged))
     stacked = jax.device_get(update_metrics)

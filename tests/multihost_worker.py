@@ -1,0 +1,93 @@
+"""One process of tests/test_multihost.py's 2-process runs: 4 CPU devices each, one (2, 2, 2) mesh over
+all 8 (process 0 holds the mesh's data row 0, process 1 row 1), and this process's half of the work.
+
+    python tests/multihost_worker.py sample|grpo PROCESS_ID PORT OUT.npz
+"""
+
+import os
+import sys
+
+import numpy as np
+
+# Process 0's prompts all fit 16 slots, process 1 has a 20-token one: both must pad to 32.
+PROMPTS = [[1, 17, 33, 5, 90], [1, 44, 8, 61, 23, 70, 12, 9, 101, 3, 52], [1, 77, 2], [1] + list(range(40, 52)),
+           [1, 5, 6], [1] + list(range(60, 79)), [1, 99, 98, 97, 96, 95], [1, 12]]
+GROUP = 4
+SEED = 7
+GRPO_STEPS = 3
+
+
+def sampling_config():
+    from r1jax.sampling import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=20, top_p=0.9, eos_ids=(2,))
+
+
+def model(mesh=None):
+    from flax import nnx
+
+    from r1jax.model import get_preset, init_model
+
+    return nnx.split(init_model(get_preset("tiny-qwen2"), seed=0, mesh=mesh))
+
+
+def sample(process_id: int, mesh) -> dict[str, np.ndarray]:
+    import jax
+
+    from r1jax.sampling import sample_groups
+
+    graphdef, state = model(mesh)
+    half = len(PROMPTS) // 2
+    out = sample_groups(graphdef, state, PROMPTS[half * process_id: half * (process_id + 1)], GROUP,
+                        jax.random.key(SEED), sampling_config(), mesh=mesh)
+    return {f: np.asarray(getattr(out, f)) for f in ("tokens", "mask", "lengths", "logprobs", "policy_logprobs",
+                                                      "prompt_tokens")}
+
+
+def grpo_run(mesh, process_id: int = 0, processes: int = 1):
+    """test_trainer's GRPO set-up on `mesh`, GRPO_STEPS steps, this process taking its share of each
+    step's prompts: (trainer, metrics per step)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_trainer import PromptStream, grpo_trainer, initial_params
+
+    trainer = grpo_trainer(initial_params(), mesh=mesh)
+    stream = PromptStream(trainer.config.prompts_per_step)
+
+    def share():
+        batch = stream()
+        n = len(batch["prompt"]) // processes
+        return {k: v[n * process_id: n * (process_id + 1)] for k, v in batch.items()}
+
+    return trainer, [trainer.step(share) for _ in range(GRPO_STEPS)]
+
+
+def grpo(process_id: int, mesh) -> dict[str, np.ndarray]:
+    import jax
+    from jax.experimental import multihost_utils
+
+    trainer, history = grpo_run(mesh, process_id, jax.process_count())
+    params = multihost_utils.process_allgather(trainer.params, tiled=True)  # every parameter whole, on each process
+    out = {f"param{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))}
+    timed = ("time/", "perf/", "tokens_per_s")
+    out.update({f"metric/{k}": np.asarray([m[k] for m in history]) for k in history[0] if not k.startswith(timed)})
+    return out
+
+
+def main(mode: str, process_id: int, port: int, out: str) -> None:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_default_matmul_precision", "highest")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    from r1jax.sharding import make_mesh
+
+    mesh = make_mesh(2, 2, 2)  # data × fsdp carry the rows
+    assert {d.process_index for d in mesh.devices[process_id].flat} == {process_id}
+    np.savez(out, **{"sample": sample, "grpo": grpo}[mode](process_id, mesh))
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
