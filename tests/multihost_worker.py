@@ -1,7 +1,7 @@
 """One process of tests/test_multihost.py's 2-process runs: 4 CPU devices each, one (2, 2, 2) mesh over
 all 8 (process 0 holds the mesh's data row 0, process 1 row 1), and this process's half of the work.
 
-    python tests/multihost_worker.py sample|grpo PROCESS_ID PORT OUT.npz
+    python tests/multihost_worker.py sample|grpo|sft PROCESS_ID PORT OUT.npz
 """
 
 import os
@@ -14,7 +14,7 @@ PROMPTS = [[1, 17, 33, 5, 90], [1, 44, 8, 61, 23, 70, 12, 9, 101, 3, 52], [1, 77
            [1, 5, 6], [1] + list(range(60, 79)), [1, 99, 98, 97, 96, 95], [1, 12]]
 GROUP = 4
 SEED = 7
-GRPO_STEPS = 3
+STEPS = 3
 
 
 def sampling_config():
@@ -45,7 +45,7 @@ def sample(process_id: int, mesh) -> dict[str, np.ndarray]:
 
 
 def grpo_run(mesh, process_id: int = 0, processes: int = 1):
-    """test_trainer's GRPO set-up on `mesh`, GRPO_STEPS steps, this process taking its share of each
+    """test_trainer's GRPO set-up on `mesh`, STEPS steps, this process taking its share of each
     step's prompts: (trainer, metrics per step)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from test_trainer import PromptStream, grpo_trainer, initial_params
@@ -58,14 +58,56 @@ def grpo_run(mesh, process_id: int = 0, processes: int = 1):
         n = len(batch["prompt"]) // processes
         return {k: v[n * process_id: n * (process_id + 1)] for k, v in batch.items()}
 
-    return trainer, [trainer.step(share) for _ in range(GRPO_STEPS)]
+    return trainer, [trainer.step(share) for _ in range(STEPS)]
+
+
+def sft_run(mesh, process_id: int = 0, processes: int = 1):
+    """SFT on test_trainer's model, STEPS steps of 8 pairs of varied lengths (process 1's are the
+    longest, so process 0 must pad to them), this process taking its share of each step's pairs:
+    (trainer, metrics per step with the global batch's [rows, prompt slots, completion slots])."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_trainer import initial_params, model_from
+
+    from r1jax.trainers.optim import OptimConfig
+    from r1jax.trainers.sft import SFTConfig, SFTTrainer
+
+    config = SFTConfig(steps=STEPS, batch_size=8, optim=OptimConfig(learning_rate=1e-2), micro_batches=2)
+    trainer = SFTTrainer(config, model_from(initial_params(), mesh), pad_id=0, mesh=mesh)
+    rng = np.random.default_rng(0)
+
+    def share():
+        pairs = [([1, *rng.integers(3, 12, 2 + i)], rng.integers(3, 12, 3 + 2 * i).tolist()) for i in range(8)]
+        n = len(pairs) // processes
+        return pairs[n * process_id: n * (process_id + 1)]
+
+    shapes, update = [], trainer._update
+
+    def recording_update(params, opt_state, batch):  # the global shapes this process's program ran on
+        shapes.append((*batch["prompt_tokens"].shape, batch["tokens"].shape[1]))
+        return update(params, opt_state, batch)
+
+    trainer._update = recording_update
+    history = [trainer.step(share) for _ in range(STEPS)]
+    return trainer, [{**m, "batch_shape": np.asarray(shape)} for m, shape in zip(history, shapes, strict=True)]
 
 
 def grpo(process_id: int, mesh) -> dict[str, np.ndarray]:
     import jax
+
+    return trained(*grpo_run(mesh, process_id, jax.process_count()))
+
+
+def sft(process_id: int, mesh) -> dict[str, np.ndarray]:
+    import jax
+
+    return trained(*sft_run(mesh, process_id, jax.process_count()))
+
+
+def trained(trainer, history) -> dict[str, np.ndarray]:
+    """The trained parameters (gathered whole) and the untimed metrics of every step, as arrays."""
+    import jax
     from jax.experimental import multihost_utils
 
-    trainer, history = grpo_run(mesh, process_id, jax.process_count())
     params = multihost_utils.process_allgather(trainer.params, tiled=True)  # every parameter whole, on each process
     out = {f"param{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))}
     timed = ("time/", "perf/", "tokens_per_s")
@@ -85,7 +127,7 @@ def main(mode: str, process_id: int, port: int, out: str) -> None:
 
     mesh = make_mesh(2, 2, 2)  # data × fsdp carry the rows
     assert {d.process_index for d in mesh.devices[process_id].flat} == {process_id}
-    np.savez(out, **{"sample": sample, "grpo": grpo}[mode](process_id, mesh))
+    np.savez(out, **{"sample": sample, "grpo": grpo, "sft": sft}[mode](process_id, mesh))
     jax.distributed.shutdown()
 
 

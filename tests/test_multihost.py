@@ -56,21 +56,34 @@ def test_sampling_on_two_processes_equals_one_process(tmp_path):
     assert np.any(np.asarray(ref.mask).sum(1) < 12) and np.any(np.asarray(ref.mask).sum(1) == 12)
 
 
-@pytest.mark.slow  # three trainers compile (~2 min on 2 cores)
+def assert_same_training(parts, trainer, history, metric_names):
+    """Both processes hold the one-process run's parameters and metrics, and training moved them."""
+    expected = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trainer.params))]
+    for part in parts:
+        for i, x in enumerate(expected):
+            np.testing.assert_allclose(part[f"param{i}"], x, atol=1e-5, rtol=1e-5, err_msg=f"parameter {i}")
+        metrics = {k.removeprefix("metric/"): v for k, v in part.items() if k.startswith("metric/")}
+        assert set(metric_names) <= set(metrics)
+        for k, v in metrics.items():
+            np.testing.assert_allclose(v, [m[k] for m in history], rtol=1e-5, atol=1e-6, err_msg=k)
+    initial = jax.tree.leaves(initial_params()[1])
+    assert max(float(np.max(np.abs(x - y))) for x, y in zip(expected, initial, strict=True)) > 1e-4
+
+
+@pytest.mark.slow  # three trainers compile (~70 s on 2 cores)
 def test_grpo_steps_on_two_processes_equal_one_process(tmp_path):
     """test_trainer's GRPO run (β > 0, μ = 2, 2 minibatches of 2 micro-batches) for 3 steps, each process
     sampling and scoring half of every step's prompts: the parameters and the step metrics (rewards,
     lengths, KL, clip fractions, …, all of the global batch) equal one process doing all of it on the
     same (2, 2, 2) mesh."""
     parts = run_two_processes("grpo", tmp_path)
-    trainer, history = worker.grpo_run(make_mesh(2, 2, 2))
-    expected = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trainer.params))]
-    for part in parts:
-        for i, x in enumerate(expected):
-            np.testing.assert_allclose(part[f"param{i}"], x, atol=1e-5, rtol=1e-5, err_msg=f"parameter {i}")
-        metrics = {k.removeprefix("metric/"): v for k, v in part.items() if k.startswith("metric/")}
-        assert {"reward/mean", "train/kl", "completion/length_mean"} <= set(metrics)
-        for k, v in metrics.items():
-            np.testing.assert_allclose(v, [m[k] for m in history], rtol=1e-5, atol=1e-6, err_msg=k)
-    initial = jax.tree.leaves(initial_params()[1])
-    assert max(float(np.max(np.abs(x - y))) for x, y in zip(expected, initial, strict=True)) > 1e-4  # it trained
+    assert_same_training(parts, *worker.grpo_run(make_mesh(2, 2, 2)),
+                         ("reward/mean", "train/kl", "completion/length_mean", "groups/zero_std_fraction"))
+
+
+@pytest.mark.slow
+def test_sft_steps_on_two_processes_equal_one_process(tmp_path):
+    """3 SFT steps (2 micro-batches), each process loading half of every step's pairs, its own shorter
+    than the other's: both pad to the same shapes, and the run equals one process's."""
+    parts = run_two_processes("sft", tmp_path)
+    assert_same_training(parts, *worker.sft_run(make_mesh(2, 2, 2)), ("train/loss", "train/tokens", "batch_shape"))

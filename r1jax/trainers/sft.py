@@ -18,13 +18,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from r1jax.sampling import bucket
-from r1jax.sharding import global_rows
+from r1jax.sharding import gather_processes, global_rows
 from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from r1jax.trainers.steps import init_train_state, mesh_context, sft_objective
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
+    """One SFT run; batch_size counts the pairs of a step over all processes (each host loads its share)."""
+
     steps: int
     batch_size: int
     optim: OptimConfig
@@ -44,16 +46,21 @@ class SFTConfig:
 
 
 def sft_batch(
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, max_length: int
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, max_length: int,
+    longest: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Right-padded prompt slots and completion slots, each bucketed; completions cut to fit max_length."""
+    """Right-padded prompt slots and completion slots, each bucketed; completions cut to fit max_length.
+
+    longest: the (prompt, completion) lengths to bucket for, instead of these pairs' own longest (on
+    several hosts: the longest over all of them, so that every process pads to the same shapes).
+    """
     if not pairs:
         raise ValueError("sft_batch needs at least one (prompt, completion) pair")
-    p_len = bucket(max(len(p) for p, _ in pairs), 8)
+    prompt_max, completion_max = longest or (max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs))
+    p_len = bucket(prompt_max, 8)
     if p_len >= max_length:
-        raise ValueError(f"a prompt of {max(len(p) for p, _ in pairs)} tokens leaves no room under "
-                         f"sft.max_length={max_length}")
-    c_len = min(bucket(max(len(c) for _, c in pairs), 8), max_length - p_len)
+        raise ValueError(f"a prompt of {prompt_max} tokens leaves no room under sft.max_length={max_length}")
+    c_len = min(bucket(completion_max, 8), max_length - p_len)
     b = len(pairs)
     out = {
         "prompt_tokens": np.full((b, p_len), pad_id, np.int32), "prompt_mask": np.zeros((b, p_len), bool),
@@ -94,7 +101,10 @@ class SFTTrainer:
     def step(self, next_batch: Callable[[], Sequence[tuple[Sequence[int], Sequence[int]]]]) -> dict[str, float]:
         """One optimizer step on the next batch of (prompt ids, completion ids) pairs."""
         pairs = next_batch()
-        batch = {k: global_rows(v, self.mesh) for k, v in sft_batch(pairs, self.pad_id, self.config.max_length).items()}
+        longest = np.asarray([[max((len(p) for p, _ in pairs), default=0), max((len(c) for _, c in pairs), default=0)]])
+        longest = tuple(int(n) for n in gather_processes(longest).max(0))  # this process's own, on one host
+        rows = sft_batch(pairs, self.pad_id, self.config.max_length, longest)
+        batch = {k: global_rows(v, self.mesh) for k, v in rows.items()}
         with mesh_context(self.mesh):
             self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, batch)
         self.step_count += 1
