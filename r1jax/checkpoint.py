@@ -3,7 +3,8 @@
 A step is one Orbax checkpoint directory `<directory>/<step>/` with three items:
 
     state/   the train state pytree (params, optimizer state, step, PRNG key …), `StandardSave`
-    data/    the data iterator state (e.g. grain's `iterator.get_state()`), JSON
+    data/    the data iterator state (e.g. grain's `iterator.get_state()`), JSON; on several hosts
+             every process's, in order (each host reads its own data shard)
     extra/   anything else JSON: config snapshot, metrics, seed …
 
 Design choices:
@@ -34,6 +35,7 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -45,6 +47,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from r1jax.sharding import gather_processes
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,18 @@ def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
             bad[name] = arr.item() if arr.size == 1 else f"{int(np.sum(~np.isfinite(arr)))}/{arr.size} non-finite"
     if bad:
         raise NonFiniteError(step, bad)
+
+
+_PER_PROCESS = "per_process"  # the data item of a multi-host checkpoint: every process's state, in order
+
+
+def _gather_strings(text: str) -> list[str]:
+    """Every process's `text`, in process order (a collective: every process calls it)."""
+    data = np.frombuffer(text.encode(), np.uint8)
+    lengths = gather_processes(np.asarray([data.size]))
+    padded = np.zeros((1, int(lengths.max())), np.uint8)
+    padded[0, :data.size] = data
+    return [bytes(row[:n]).decode() for row, n in zip(gather_processes(padded), lengths, strict=True)]
 
 
 def _to_json(value: Any, path: str) -> Any:
@@ -220,6 +236,8 @@ class Checkpointer:
             log.info("checkpoint step %d already exists in %s; not rewriting it", step, self.directory)
             return False
         data_json = _to_json(dict(data_state or {}), "data_state")
+        if jax.process_count() > 1:  # Orbax writes JSON items from process 0 only: it keeps every host's
+            data_json = {_PER_PROCESS: [json.loads(t) for t in _gather_strings(json.dumps(data_json))]}
         extra_json = _to_json(dict(extra or {}), "extra")
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(train_state),
@@ -265,7 +283,19 @@ class Checkpointer:
                 f"{type(e).__name__}: {_first_line(e)}. Its files may be damaged, or abstract_state may "
                 f"not match what was saved (a changed model or optimizer config)",
             ) from e
-        return restored.state, dict(restored.data or {}), dict(restored.extra or {})
+        return restored.state, self._own_data_state(step, dict(restored.data or {})), dict(restored.extra or {})
+
+    def _own_data_state(self, step: int, data: dict) -> dict:
+        """This process's data iterator state: each host reads its own shard of the data. Saved with
+        another process count, only empty states (nothing to resume) can be restored."""
+        states = data[_PER_PROCESS] if _PER_PROCESS in data else [data]
+        saved_by = len(states)
+        if saved_by != jax.process_count() and any(states):
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} holds the data iterator state of {saved_by} "
+                f"process(es), and this run has {jax.process_count()}: each host reads its own shard of the "
+                f"data, so resume with {saved_by} process(es). Nothing was deleted.")
+        return states[jax.process_index()] if saved_by == jax.process_count() else {}
 
     def _corrupt(self, step: int, steps: list[int], reason: str) -> CheckpointError:
         earlier = [s for s in steps if s < step]

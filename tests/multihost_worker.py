@@ -1,7 +1,7 @@
 """One process of tests/test_multihost.py's 2-process runs: 4 CPU devices each, one (2, 2, 2) mesh over
 all 8 (process 0 holds the mesh's data row 0, process 1 row 1), and this process's half of the work.
 
-    python tests/multihost_worker.py sample|grpo|sft PROCESS_ID PORT OUT.npz
+    python tests/multihost_worker.py sample|grpo|sft|checkpoint PROCESS_ID PORT OUT.npz
 """
 
 import os
@@ -103,6 +103,28 @@ def sft(process_id: int, mesh) -> dict[str, np.ndarray]:
     return trained(*sft_run(mesh, process_id, jax.process_count()))
 
 
+def checkpoint(process_id: int, mesh, directory: str) -> dict[str, np.ndarray]:
+    """Save a row-sharded array with this process's own data-iterator state, restore both."""
+    import jax
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from r1jax.checkpoint import Checkpointer
+
+    value = np.arange(32, dtype=np.float32).reshape(8, 4)
+    x = jax.make_array_from_callback(value.shape, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))),
+                                     lambda index: value[index])
+    own = {"calls": 10 + process_id, "shard": "p" * (1 + process_id)}  # states of different lengths
+    ckpt = Checkpointer(directory, save_every=1, keep=2)
+    ckpt.save(1, {"x": x}, data_state=own)
+    ckpt.close()
+    ckpt = Checkpointer(directory, save_every=1, keep=2)
+    state, data, _ = ckpt.restore(abstract_state={"x": x})
+    ckpt.close()
+    assert data == own, (data, own)
+    return {"x": np.asarray(multihost_utils.process_allgather(state["x"], tiled=True)), "calls": data["calls"]}
+
+
 def trained(trainer, history) -> dict[str, np.ndarray]:
     """The trained parameters (gathered whole) and the untimed metrics of every step, as arrays."""
     import jax
@@ -127,7 +149,11 @@ def main(mode: str, process_id: int, port: int, out: str) -> None:
 
     mesh = make_mesh(2, 2, 2)  # data × fsdp carry the rows
     assert {d.process_index for d in mesh.devices[process_id].flat} == {process_id}
-    np.savez(out, **{"sample": sample, "grpo": grpo, "sft": sft}[mode](process_id, mesh))
+    if mode == "checkpoint":
+        result = checkpoint(process_id, mesh, os.path.join(os.path.dirname(out), "checkpoints"))
+    else:
+        result = {"sample": sample, "grpo": grpo, "sft": sft}[mode](process_id, mesh)
+    np.savez(out, **result)
     jax.distributed.shutdown()
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import multihost_worker as worker  # noqa: E402
 from test_trainer import initial_params  # noqa: E402
 
+from r1jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
 from r1jax.sampling import sample_groups  # noqa: E402
 from r1jax.sharding import make_mesh  # noqa: E402
 
@@ -87,3 +89,17 @@ def test_sft_steps_on_two_processes_equal_one_process(tmp_path):
     than the other's: both pad to the same shapes, and the run equals one process's."""
     parts = run_two_processes("sft", tmp_path)
     assert_same_training(parts, *worker.sft_run(make_mesh(2, 2, 2)), ("train/loss", "train/tokens", "batch_shape"))
+
+
+def test_checkpoint_keeps_every_process_data_state(tmp_path):
+    """Each host reads its own data shard, so a multi-host checkpoint keeps every process's iterator
+    state (Orbax writes JSON from process 0 only) and each gets its own back; one process cannot
+    resume it."""
+    parts = run_two_processes("checkpoint", tmp_path)
+    assert [int(p["calls"]) for p in parts] == [10, 11]
+    for part in parts:
+        np.testing.assert_array_equal(part["x"], np.arange(32, dtype=np.float32).reshape(8, 4))
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1, keep=2)
+    with pytest.raises(CheckpointError, match=r"data iterator state of 2 process\(es\), and this run has 1"):
+        ckpt.restore(abstract_state={"x": jnp.zeros((8, 4), jnp.float32)})
+    ckpt.close()
