@@ -157,7 +157,6 @@ def host_rows(x: jax.Array, mesh: Mesh) -> jax.Array:
     return multihost_utils.global_array_to_host_local_array(x, mesh, _row_spec(x.shape[0], x.ndim, mesh))
 
 
-
 def gather_processes(tree):
     """Every process's host arrays, concatenated along axis 0 in process order (one process: `tree`)."""
     if jax.process_count() == 1:
@@ -173,6 +172,7 @@ def sum_processes(x: np.ndarray) -> np.ndarray:
 def all_processes(flag: bool) -> bool:
     """Whether `flag` holds on every process: a decision they all take together."""
     return flag if jax.process_count() == 1 else bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
 
 _active_rules: list[ShardingRules] = [DEFAULT_RULES]
 

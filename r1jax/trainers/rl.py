@@ -118,9 +118,9 @@ class GRPOTrainer:
         # Processes holding distinct rows: each samples and scores prompts_per_step / processes prompts.
         self.processes = 1 if mesh is None else row_blocks(mesh)
         if self.processes != jax.process_count():
-            raise ValueError(f"the mesh's batch axes {DEFAULT_RULES.mesh_axes('batch')} must span the "
-                             f"{jax.process_count()} processes, each process's rows on its own devices "
-                             f"(mesh {dict(mesh.shape)})")
+            raise ValueError(f"on {jax.process_count()} processes GRPO needs a mesh whose batch axes "
+                             f"{DEFAULT_RULES.mesh_axes('batch')} span them, each process's rows on its own "
+                             f"devices; got {None if mesh is None else dict(mesh.shape)}")
         if config.prompts_per_step % self.processes:
             raise ValueError(f"rl.prompts_per_step={config.prompts_per_step} must split evenly over "
                              f"{self.processes} processes")
