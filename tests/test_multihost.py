@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -29,15 +30,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(mode: str, tmp_path: Path) -> list[dict[str, np.ndarray]]:
+def run_two_processes(mode: str, tmp_path: Path, timeout: float = 600) -> list[dict[str, np.ndarray]]:
+    """The worker's `mode` on processes 0 and 1; when one fails, the other (left waiting in a collective)
+    is killed rather than waited for."""
     port, env = free_port(), {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, worker.__file__, mode, str(i), str(port), str(tmp_path / f"{i}.npz")],
-                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    logs = [tmp_path / f"log{i}.txt" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen([sys.executable, worker.__file__, mode, str(i), str(port),
+                                           str(tmp_path / f"{i}.npz")], env=env, cwd=REPO, stdout=out,
+                                          stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
     for p in procs:
-        output = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, output[-3000:]
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log.read_text()[-3000:]
     return [dict(np.load(tmp_path / f"{i}.npz")) for i in range(2)]
 
 
