@@ -45,11 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from r1jax.model import KVCache, init_cache
 from r1jax.model.transformer import rope_frequencies, rope_tables
-from r1jax.sharding import DEFAULT_RULES, constrain, global_rows, host_rows
+from r1jax.sharding import DEFAULT_RULES, constrain, gather_processes, global_rows, host_rows
 
 _NEG_INF = -jnp.inf
 
@@ -415,7 +414,7 @@ def sample_groups(
     n_prompts = len(prompts)
     longest = max((len(p) for p in prompts), default=0)
     if mesh is not None and jax.process_count() > 1:  # every process must pad to the same shapes
-        counts = multihost_utils.process_allgather(np.asarray([n_prompts, longest]))
+        counts = gather_processes(np.asarray([[n_prompts, longest]]))
         if np.any(counts[:, 0] != n_prompts):
             raise ValueError(f"every process must sample the same number of prompts: got {counts[:, 0].tolist()}")
         longest = int(counts[:, 1].max())

@@ -115,15 +115,14 @@ class GRPOTrainer:
         mesh: Mesh | None = None,
         reward_pool=None,
     ):
-        # Processes holding distinct rows: each samples and scores prompts_per_step / processes prompts.
-        self.processes = 1 if mesh is None else row_blocks(mesh)
-        if self.processes != jax.process_count():
+        # Each process samples and scores prompts_per_step / processes prompts, its rows on its own devices.
+        if (1 if mesh is None else row_blocks(mesh)) != jax.process_count():
             raise ValueError(f"on {jax.process_count()} processes GRPO needs a mesh whose batch axes "
                              f"{DEFAULT_RULES.mesh_axes('batch')} span them, each process's rows on its own "
                              f"devices; got {None if mesh is None else dict(mesh.shape)}")
-        if config.prompts_per_step % self.processes:
+        if config.prompts_per_step % jax.process_count():
             raise ValueError(f"rl.prompts_per_step={config.prompts_per_step} must split evenly over "
-                             f"{self.processes} processes")
+                             f"{jax.process_count()} processes")
         self.config = config
         self.tokenizer = tokenizer
         self.reward = reward
@@ -183,7 +182,7 @@ class GRPOTrainer:
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         rows = cfg.prompts_per_step * g  # the global batch; this process samples local_rows of it
-        local_rows = rows // self.processes
+        local_rows = rows // jax.process_count()
         kept: list[dict[str, np.ndarray]] = []
         columns: dict[str, list] = {}
         sampled_groups = zero_groups = 0
