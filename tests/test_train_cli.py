@@ -310,8 +310,8 @@ def test_cli_reports_a_bad_value_before_any_work(env, tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"rl.group_size": 1}, "config.rl: GRPOConfig.group_size=1 must be an int >= 2"),
-    ({"rl.prompts_per_step": 3, "rl.group_size": 2, "rl.num_minibatches": 4},
-     "config.rl: rl.num_minibatches=4 must divide prompts_per_step × group_size = 6"),
+    ({"rl.prompts_per_step": 3, "rl.group_size": 2, "rl.num_minibatches": 2},  # 6 rows, but not whole groups
+     "config.rl: rl.num_minibatches=2 must divide rl.prompts_per_step=3 (a minibatch holds whole groups)"),
     ({"rl.num_minibatches": 0}, "config.rl: rl.num_minibatches=0 must be >= 1"),
     ({"rl.micro_batches": 3}, "rl.micro_batches=3 must divide the minibatch of 4 completions"),
     ({"rl.preset": "foo"}, "config.rl: preset='foo' must be one of"),

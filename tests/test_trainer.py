@@ -23,12 +23,12 @@ from r1jax.sampling import SamplingConfig
 from r1jax.sharding import make_mesh
 from r1jax.trainers.loop import run_loop
 from r1jax.trainers.optim import OptimConfig, make_optimizer
-from r1jax.trainers.rl import GRPOTrainer, RLConfig, forward_flops, generation_flops
+from r1jax.trainers.rl import GRPOTrainer, RLConfig, forward_flops, generation_flops, scoring_flops
 from r1jax.trainers.sft import sft_batch
-from r1jax.trainers.steps import grpo_objective, init_opt_state, make_update_step, sft_objective
+from r1jax.trainers.steps import completion_logprobs, grpo_objective, init_opt_state, make_update_step, sft_objective
 
 NEW_TOKENS = 8
-LEARN_STEPS = 16
+LEARN_STEPS = 20
 
 
 class CharTokenizer:
@@ -84,7 +84,10 @@ def rl_config(**changes):
         # β > 0 (a reference model), μ = 2 passes, 2 minibatches, 2 micro-batches each: every path at once
         loss=GRPOConfig(group_size=4, beta=0.04, num_iterations=2), num_minibatches=2, micro_batches=2,
         sampling=SamplingConfig(max_new_tokens=NEW_TOKENS, eos_ids=(tok.eos_id,), pad_id=tok.pad_id),
-        optim=OptimConfig(learning_rate=3e-3, max_grad_norm=1.0), seed=0,
+        # Adam's eps 1e-6, not 1e-8: with 1e-8 a weight whose gradient is ~1e-7 (rounding-level) moves by
+        # up to lr, so float summation order alone (1 device vs a mesh) moved weights by 5e-5–3e-4 of
+        # the largest one in 3 steps, depending on the data (seeds 0–2), before and after prompt sharing
+        optim=OptimConfig(learning_rate=3e-3, max_grad_norm=1.0, eps=1e-6), seed=0,
     )
     return RLConfig(**{**base, **changes})
 
@@ -199,13 +202,14 @@ def test_grpo_raises_the_mean_reward_on_the_toy_task(single):
 # ------------------------------------------------------------------------------------ micro-batches
 
 
-def grpo_batch(rows=8, slots=8, n=NEW_TOKENS, seed=0):
-    """A batch with ragged prompts and completions (one row fully masked) and π_old, π_ref ≠ π_θ."""
+def grpo_batch(rows=8, slots=8, n=NEW_TOKENS, seed=0, group=1):
+    """A batch with ragged prompts and completions (one row fully masked) and π_old, π_ref ≠ π_θ; the
+    rows in groups of `group` with the same prompt (padding slots hold random tokens, not pad ids)."""
     rng = np.random.default_rng(seed)
-    prompt_len, completion_len = rng.integers(1, slots + 1, rows), rng.integers(1, n + 1, rows)
+    prompt_len, completion_len = rng.integers(1, slots + 1, rows // group).repeat(group), rng.integers(1, n + 1, rows)
     completion_len[3] = 0
     batch = {
-        "prompt_tokens": rng.integers(3, MODEL.vocab_size, (rows, slots)).astype(np.int32),
+        "prompt_tokens": rng.integers(3, MODEL.vocab_size, (rows // group, slots)).astype(np.int32).repeat(group, 0),
         "prompt_mask": np.arange(slots)[None] < prompt_len[:, None],
         "tokens": rng.integers(3, MODEL.vocab_size, (rows, n)).astype(np.int32),
         "mask": np.arange(n)[None] < completion_len[:, None],
@@ -221,12 +225,12 @@ def grpo_batch(rows=8, slots=8, n=NEW_TOKENS, seed=0):
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def one_update(initial, objective, batch, micro_batches):
+def one_update(initial, objective, batch, micro_batches, group_size=1):
     graphdef, state = initial
     params = jax.tree.map(jnp.asarray, state)
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, max_grad_norm=0.0))
     opt_state = optimizer.init(params)
-    step = make_update_step(graphdef, optimizer, objective, micro_batches)
+    step = make_update_step(graphdef, optimizer, objective, micro_batches, group_size=group_size)
     step = step.lower(params, opt_state, batch).compile(compiler_options=FAST_COMPILE)
     params, _, metrics = step(params, opt_state, batch)
     return host(params), jax.device_get(metrics)
@@ -253,6 +257,48 @@ def test_micro_batches_give_the_one_big_batch_update(initial):
             assert ref_metrics["clip_frac_low"] + ref_metrics["clip_frac_high"] > 0
 
 
+@pytest.mark.slow
+def test_micro_batches_of_groups_run_each_prompt_once_and_give_the_one_big_batch_update(initial):
+    """Rows in groups of 4 with the same prompt: micro-batches of whole groups (M = 1, 2) and of half
+    groups (M = 4: 2 rows each) give the update of one pass per row over the whole batch."""
+    objective = grpo_objective(GRPOConfig(group_size=4, beta=0.04, epsilon_low=0.1, epsilon_high=0.1),
+                               temperature=1.0, chunk_size=4)
+    batch = grpo_batch(group=4)
+    reference, ref_metrics = one_update(initial, objective, batch, 1)
+    for m in (1, 2, 4):
+        params, metrics = one_update(initial, objective, batch, m, group_size=4)
+        assert max_rel_diff(params, reference) <= 1e-5, m  # a shared prompt sums its gradients in another order
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, err_msg=str(m))
+        np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("run", [2, 4])
+def test_a_run_of_rows_with_one_prompt_runs_it_once_with_the_same_log_probs_and_gradients(initial, run):
+    graphdef, state = initial
+    params = jax.tree.map(jnp.asarray, state)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((8, NEW_TOKENS)), jnp.float32)
+
+    def loss(params, batch, prompt_run):
+        logp, ent = completion_logprobs(nnx.merge(graphdef, params), batch, prompt_run=prompt_run, chunk_size=4,
+                                        entropy=True)
+        return jnp.sum(jnp.where(batch["mask"], weights * logp + ent, 0.0)), (logp, ent)
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=2)
+    batch = grpo_batch(group=4)
+    (g_one, (logp_one, ent_one)), (g_run, (logp_run, ent_run)) = grad(params, batch, 1), grad(params, batch, run)
+    mask = np.asarray(batch["mask"])
+    np.testing.assert_allclose(np.asarray(logp_run)[mask], np.asarray(logp_one)[mask], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ent_run)[mask], np.asarray(ent_one)[mask], rtol=1e-5, atol=1e-6)
+    assert max_rel_diff(host(g_run), host(g_one)) <= 1e-5
+    # the prompt is really run once per run: fewer FLOPs, and rows whose prompts differ are not seen
+    flops = [grad.lower(params, batch, r).compile().cost_analysis()["flops"] for r in (1, run)]
+    assert flops[1] < flops[0], flops
+    distinct = grpo_batch(group=1)
+    _, (logp_distinct, _) = grad(params, distinct, run)
+    _, (logp_true, _) = grad(params, distinct, 1)
+    assert not np.allclose(np.asarray(logp_distinct)[mask], np.asarray(logp_true)[mask], atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------ FLOPs
 
 
@@ -274,6 +320,12 @@ def test_forward_flops_sum_flops_per_token_over_positions():
     expected += sum(MODEL.flops_per_token(i) for p, c in zip(prompts, completions, strict=True)
                     for i in range(p + 1, p + c))
     assert generation_flops(MODEL, prompts, completions, 3) == pytest.approx(expected, rel=1e-12)
+    # scoring: each run's prompt once (no head), then every row's completion tokens with the head
+    for run in (1, 3):
+        expected = sum(MODEL.flops_per_token(i, head=False) for p in prompts[::run] for i in range(1, p + 1))
+        expected += sum(MODEL.flops_per_token(i) for p, c in zip(prompts, completions, strict=True)
+                        for i in range(p + 1, p + c + 1))
+        assert scoring_flops(MODEL, prompts, completions, run) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.slow  # the shared single-device run takes ~20-50 s to compile and run

@@ -4,20 +4,24 @@
         ─► [reference log-probs, only if β > 0] ─► μ × minibatch update (grpo_loss, global normalisers)
         ─► metrics ─► checkpoint
 
-Two choices keep a step cheap: π_old is the sampler's own `policy_logprobs` (the same parameters and
-temperature, so no extra forward pass), and the reference model is scored only when β > 0. Every
+Three choices keep a step cheap: π_old is the sampler's own `policy_logprobs` (the same parameters and
+temperature, so no extra forward pass); the reference model is scored only when β > 0; and the
+reference and policy passes run each prompt once per group, its keys/values shared by the group's
+G completions (minibatches hold whole groups; micro-batches runs of them). Every
 random draw derives from (seed, step), and the data iterator's state is checkpointed, so a resumed
 run repeats exactly what an uninterrupted one does.
 
 `perf/flops_per_s` counts model FLOPs from the config (`ModelConfig.flops_per_token`): prefill and
-decode of the real tokens, the reference forward, and 3 × forward per update pass, the LM head only
-where logits are computed (each prompt's last token, the completion tokens); `perf/mfu`
+decode of the real tokens, the reference forward, and 3 × forward per update pass (each prompt once
+per group, or per run of a group that a micro-batch holds), the LM head only where logits are
+computed (each prompt's last token, the completion tokens); `perf/mfu`
 divides it by the devices' dense bf16 peak where that is known (not on CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,7 +54,8 @@ class RLConfig:
     batch on the mesh; metrics describe all of it).
 
     num_minibatches: optimizer steps per pass over the P·G completions (μ passes in all,
-      μ = loss.num_iterations). micro_batches: gradient accumulation inside one optimizer step.
+      μ = loss.num_iterations), each on whole groups (P / num_minibatches prompts, drawn at random).
+      micro_batches: gradient accumulation inside one optimizer step.
     ref_update_every: copy the policy into the reference every N steps (R1: 400; 0 = never).
     dynamic_sampling: DAPO — drop groups whose rewards are all equal and sample more prompts (up to
       max_sampling_rounds batches) to refill; rows still missing are masked out, not faked.
@@ -78,9 +83,9 @@ class RLConfig:
                 raise ValueError(f"rl.{name}={getattr(self, name)} must be >= 1")
         if self.ref_update_every < 0:
             raise ValueError(f"rl.ref_update_every={self.ref_update_every} must be >= 0 (0 = never)")
-        if rows % self.num_minibatches:
-            raise ValueError(f"rl.num_minibatches={self.num_minibatches} must divide prompts_per_step × group_size "
-                             f"= {rows}")
+        if self.prompts_per_step % self.num_minibatches:  # minibatches hold whole groups
+            raise ValueError(f"rl.num_minibatches={self.num_minibatches} must divide "
+                             f"rl.prompts_per_step={self.prompts_per_step} (a minibatch holds whole groups)")
         if (rows // self.num_minibatches) % self.micro_batches:
             raise ValueError(f"rl.micro_batches={self.micro_batches} must divide the minibatch of "
                              f"{rows // self.num_minibatches} completions")
@@ -135,8 +140,9 @@ class GRPOTrainer:
         loss_cfg = config.loss
         objective = grpo_objective(loss_cfg, temperature=config.sampling.temperature, chunk_size=config.chunk_size)
         params, opt_state, self._update = init_train_state(self.graphdef, params, self.optimizer, objective,
-                                                           config.micro_batches, mesh)
-        self._score = make_score_fn(self.graphdef, temperature=config.sampling.temperature,
+                                                           config.micro_batches, mesh, group_size=loss_cfg.group_size)
+        self._score = make_score_fn(self.graphdef, group_size=loss_cfg.group_size,
+                                    temperature=config.sampling.temperature,
                                     chunk_size=config.chunk_size)
         self.params, self.opt_state = params, opt_state
         self._peak_flops = peak_flops_per_device()
@@ -228,8 +234,11 @@ class GRPOTrainer:
         params, opt_state = self.params, self.opt_state
         with mesh_context(self.mesh):
             for it in range(cfg.loss.num_iterations):
-                order = np.asarray(jax.random.permutation(jax.random.fold_in(self.key, 10_000 * step + it), rows)) \
-                    if cfg.num_minibatches > 1 else np.arange(rows)
+                groups = np.arange(rows // g)
+                if cfg.num_minibatches > 1:
+                    shuffle = jax.random.fold_in(self.key, 10_000 * step + it)
+                    groups = np.asarray(jax.random.permutation(shuffle, groups))
+                order = (groups[:, None] * g + np.arange(g)).ravel()  # whole groups: prompts run once per group
                 for i in range(cfg.num_minibatches):
                     idx = order[i * mb:(i + 1) * mb]
                     minibatch = batch_dev if cfg.num_minibatches == 1 else {k: v[idx] for k, v in batch_dev.items()}
@@ -253,13 +262,14 @@ class GRPOTrainer:
         metrics["train/lr"] = float(self.schedule(self.step_count * updates_per_step - 1))
         metrics["time/step"] = time.perf_counter() - t0
         metrics["tokens_per_s"] = float(host["lengths"].sum()) / metrics["time/step"]
-        # Model FLOPs of the work done on the real rows: reference forward (β > 0) and μ passes of
-        # forward + backward (3 × forward) over prompt + completion, the LM head on the completion
-        # tokens only (the log-probs taken), on top of generation.
+        # Model FLOPs of the work done on the real rows (whole groups: filler rows come in groups):
+        # reference forward (β > 0) and μ passes of forward + backward (3 × forward), on top of generation.
         real = host["mask"].any(axis=1)
-        seq = host["prompt_mask"][real].sum(1) + host["lengths"][real]
-        flops += (3 * cfg.loss.num_iterations + (cfg.loss.beta > 0)) * forward_flops(
-            self.model_config, 0, seq, logits=host["lengths"][real])
+        prompt_lengths, lengths = host["prompt_mask"][real].sum(1), host["lengths"][real]
+        update_run = math.gcd(g, rows // cfg.num_minibatches // cfg.micro_batches)  # as accumulate_gradients
+        flops += 3 * cfg.loss.num_iterations * scoring_flops(self.model_config, prompt_lengths, lengths, update_run)
+        if cfg.loss.beta > 0:
+            flops += scoring_flops(self.model_config, prompt_lengths, lengths, g)
         metrics["perf/flops_per_s"] = flops / metrics["time/step"]
         if self._peak_flops is not None:
             metrics["perf/mfu"] = metrics["perf/flops_per_s"] / (self._peak_flops * self._num_devices)
@@ -274,6 +284,15 @@ def forward_flops(cfg: ModelConfig, start, stop, logits=None) -> float:
     body = np.sum((stop - start) * cfg.flops_per_token((start + stop + 1) / 2, head=False))
     head = cfg.flops_per_token(0) - cfg.flops_per_token(0, head=False)
     return float(body + head * np.sum(stop - start if logits is None else np.broadcast_to(logits, np.shape(stop))))
+
+
+def scoring_flops(cfg: ModelConfig, prompt_lengths: np.ndarray, completion_lengths: np.ndarray,
+                  prompt_run: int) -> float:
+    """Forward FLOPs of scoring rows (`trainers.steps.completion_logprobs`): each run of `prompt_run`
+    rows with one prompt runs it once, then every row's completion attends to it; the LM head on the
+    completion tokens only (the log-probs taken)."""
+    return (forward_flops(cfg, 0, prompt_lengths[::prompt_run], logits=0)
+            + forward_flops(cfg, prompt_lengths, prompt_lengths + completion_lengths, logits=completion_lengths))
 
 
 def generation_flops(cfg: ModelConfig, prompt_lengths: np.ndarray, completion_lengths: np.ndarray,

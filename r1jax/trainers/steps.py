@@ -9,12 +9,14 @@ sampler used; completion token i is predicted by the hidden state of the previou
 Gradient accumulation splits the batch into M micro-batches inside one `jit` (`lax.scan`) and sums
 their gradients. Losses take *global* normalisers (sequence and token counts of the whole batch),
 so the sum equals the one-big-batch gradient exactly. Micro-batch m takes rows m, m+M, m+2M, …, so
-a batch sharded over devices stays spread over all of them.
+a batch sharded over devices stays spread over all of them (in GRPO, runs of rows with the same
+prompt instead of single rows: each prompt then goes through the model once per run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,29 +27,59 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.grpo import GRPOConfig, batch_counts, chunked_token_logprobs, grpo_loss
+from r1jax.model import KVCache, init_cache
 
 Batch = dict[str, jax.Array]
-Objective = Callable[[nnx.Module, Batch, tuple[jax.Array, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+# objective(model, batch, (sequences, tokens) of the whole batch, prompt_run) -> (loss, metrics)
+Objective = Callable[[nnx.Module, Batch, tuple[jax.Array, jax.Array], int], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def completion_logprobs(
-    model: nnx.Module, batch: Batch, *, temperature: float = 1.0, chunk_size: int = 512, entropy: bool = False
+    model: nnx.Module, batch: Batch, *, prompt_run: int = 1, temperature: float = 1.0, chunk_size: int = 512,
+    entropy: bool = False,
 ):
-    """log π(completion token | prefix) [B, N] (and the entropy [B, N] when asked)."""
+    """log π(completion token | prefix) [B, N] (and the entropy [B, N] when asked).
+
+    prompt_run: the rows come in runs of this many consecutive rows with the same prompt (a GRPO group
+    or part of one). Each prompt then goes through the model once, and its keys/values are shared by
+    the run's completions: the same values (and gradients, which the sharing sums), while the prompt
+    tokens' forward and backward cost 1/prompt_run of what one pass over every row costs.
+    """
     prompt, prompt_mask = batch["prompt_tokens"], batch["prompt_mask"]
     tokens, mask = batch["tokens"], batch["mask"]
     slots, n = prompt.shape[1], tokens.shape[1]
-    h, _ = model.hidden_states(jnp.concatenate([prompt, tokens], 1), valid=jnp.concatenate([prompt_mask, mask], 1))
     last_prompt = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32) - 1  # [B]
-    pred = jnp.where(jnp.arange(n)[None, :] == 0, last_prompt[:, None], slots + jnp.arange(n)[None, :] - 1)
-    h = jnp.take_along_axis(h, pred[..., None], axis=1)  # [B, N, D]
+    if prompt_run == 1:
+        h, _ = model.hidden_states(jnp.concatenate([prompt, tokens], 1), valid=jnp.concatenate([prompt_mask, mask], 1))
+        pred = jnp.where(jnp.arange(n)[None, :] == 0, last_prompt[:, None], slots + jnp.arange(n)[None, :] - 1)
+        h = jnp.take_along_axis(h, pred[..., None], axis=1)  # [B, N, D]
+    else:
+        h = _hidden_with_shared_prompts(model, prompt, prompt_mask, tokens, mask, last_prompt, prompt_run)
     return chunked_token_logprobs(h, model.unembedding(), tokens, mask, chunk_size=min(chunk_size, n),
                                   temperature=temperature, return_entropy=entropy)
 
 
+def _hidden_with_shared_prompts(model, prompt, prompt_mask, tokens, mask, last_prompt, run: int) -> jax.Array:
+    """The hidden states [B, N, D] that predict each completion token, each run's prompt run once: the
+    prompt fills a KV cache, which is repeated over the run's rows, and the completions attend to it
+    as the sampler's decode does (same slots, positions and masks as one pass over prompt ‖ completion)."""
+    if prompt.shape[0] % run:
+        raise ValueError(f"{prompt.shape[0]} rows do not form runs of prompt_run={run}")
+    once = lambda x: x.reshape(-1, run, *x.shape[1:])[:, 0]  # the first row of every run
+    spread = lambda x: jnp.repeat(x, run, axis=0)
+    cache = init_cache(model.cfg, prompt.shape[0] // run, prompt.shape[1] + tokens.shape[1])
+    h_prompt, cache = model.hidden_states(once(prompt), valid=once(prompt_mask), cache=cache)
+    cache = KVCache(tuple(map(spread, cache.k)), tuple(map(spread, cache.v)), spread(cache.valid), cache.index)
+    positions = jnp.maximum(last_prompt[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32), 0)  # as one pass counts
+    h_completion, _ = model.hidden_states(tokens, positions=positions, valid=mask, cache=cache)
+    h_last = jnp.take_along_axis(h_prompt, once(last_prompt)[:, None, None], axis=1)  # [B / run, 1, D]
+    return jnp.concatenate([spread(h_last), h_completion[:, :-1]], axis=1)
+
+
 def grpo_objective(config: GRPOConfig, *, temperature: float, chunk_size: int) -> Objective:
-    def objective(model, batch, counts):
-        logp, ent = completion_logprobs(model, batch, temperature=temperature, chunk_size=chunk_size, entropy=True)
+    def objective(model, batch, counts, prompt_run):
+        logp, ent = completion_logprobs(model, batch, prompt_run=prompt_run, temperature=temperature,
+                                        chunk_size=chunk_size, entropy=True)
         return grpo_loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"], batch["mask"], config,
                          num_sequences=counts[0], num_tokens=counts[1], entropy=ent)
 
@@ -57,19 +89,21 @@ def grpo_objective(config: GRPOConfig, *, temperature: float, chunk_size: int) -
 def sft_objective(*, chunk_size: int) -> Objective:
     """Mean negative log-likelihood over the completion tokens of the whole batch."""
 
-    def objective(model, batch, counts):
-        logp = completion_logprobs(model, batch, chunk_size=chunk_size)
+    def objective(model, batch, counts, prompt_run):
+        logp = completion_logprobs(model, batch, prompt_run=prompt_run, chunk_size=chunk_size)
         nll = -jnp.sum(jnp.where(batch["mask"], logp, 0.0))
         return nll / jnp.maximum(counts[1], 1), {"nll_sum": nll, "tokens": jnp.sum(batch["mask"])}
 
     return objective
 
 
-def _micro_batches(batch: Batch, m: int) -> Batch:
+def _micro_batches(batch: Batch, m: int, run: int) -> Batch:
+    """M micro-batches of units of `run` consecutive rows: micro-batch i takes units i, i+M, i+2M, …"""
     def split(x):
-        if x.shape[0] % m:
-            raise ValueError(f"batch of {x.shape[0]} rows does not split into micro_batches={m}")
-        return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+        if x.shape[0] % (m * run):
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into micro_batches={m} of runs of {run}")
+        units = x.reshape(x.shape[0] // (m * run), m, run, *x.shape[1:])
+        return jnp.swapaxes(units, 0, 1).reshape(m, x.shape[0] // m, *x.shape[1:])
 
     return jax.tree.map(split, batch)
 
@@ -90,12 +124,18 @@ def _reduce_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
-def accumulate_gradients(graphdef, params, batch: Batch, objective: Objective, micro_batches: int):
-    """Σ over micro-batches of ∇ objective, with the whole batch's counts as normalisers."""
+def accumulate_gradients(graphdef, params, batch: Batch, objective: Objective, micro_batches: int,
+                         group_size: int = 1):
+    """Σ over micro-batches of ∇ objective, with the whole batch's counts as normalisers.
+
+    group_size: the batch's rows come in groups of this many with the same prompt (GRPO's G). The
+    micro-batches keep runs of gcd(G, rows per micro-batch) of them together, and the objective
+    runs each such run's prompt once (`completion_logprobs`' prompt_run)."""
     counts = batch_counts(batch["mask"])
+    run = math.gcd(group_size, batch["mask"].shape[0] // micro_batches)
 
     def loss_fn(p, mb):
-        return objective(nnx.merge(graphdef, p), mb, counts)
+        return objective(nnx.merge(graphdef, p), mb, counts, run)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if micro_batches == 1:
@@ -108,12 +148,12 @@ def accumulate_gradients(graphdef, params, batch: Batch, objective: Objective, m
         return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), metrics
 
     init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), metrics = jax.lax.scan(body, init, _micro_batches(batch, micro_batches))
+    (loss, grads), metrics = jax.lax.scan(body, init, _micro_batches(batch, micro_batches, run))
     return loss, grads, _reduce_metrics(metrics)
 
 
 def make_update_step(graphdef, optimizer: optax.GradientTransformation, objective: Objective, micro_batches: int = 1,
-                     *, state_shardings: tuple[Any, Any] | None = None):
+                     *, group_size: int = 1, state_shardings: tuple[Any, Any] | None = None):
     """`step(params, opt_state, batch) -> (params, opt_state, metrics)`, jitted, params/opt_state donated.
 
     `state_shardings` = (params, opt_state) shardings: the new state is pinned to them. Left to
@@ -122,7 +162,7 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, objectiv
     """
 
     def step(params, opt_state, batch):
-        loss, grads, metrics = accumulate_gradients(graphdef, params, batch, objective, micro_batches)
+        loss, grads, metrics = accumulate_gradients(graphdef, params, batch, objective, micro_batches, group_size)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -145,14 +185,14 @@ def init_opt_state(optimizer: optax.GradientTransformation, params) -> Any:
 
 
 def init_train_state(graphdef, params, optimizer: optax.GradientTransformation, objective: Objective,
-                     micro_batches: int, mesh: Mesh | None) -> tuple[Any, Any, Callable]:
+                     micro_batches: int, mesh: Mesh | None, group_size: int = 1) -> tuple[Any, Any, Callable]:
     """(params, opt_state, update step) for a trainer: the params committed to their devices, the
     optimizer state sharded like them, and the update step pinned to both shardings, as its outputs
     are (otherwise step 2, seeing new input shardings, compiles again)."""
     params = jax.device_put(params, shardings_of(params))
     with mesh_context(mesh):
         opt_state = init_opt_state(optimizer, params)
-    update = make_update_step(graphdef, optimizer, objective, micro_batches,
+    update = make_update_step(graphdef, optimizer, objective, micro_batches, group_size=group_size,
                               state_shardings=shardings_of((params, opt_state)))
     return params, opt_state, update
 
@@ -161,11 +201,13 @@ def shardings_of(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def make_score_fn(graphdef, *, temperature: float = 1.0, chunk_size: int = 512):
-    """`score(params, batch) -> logp [B, N]`: reference / old-policy log-probs, forward only."""
+def make_score_fn(graphdef, *, group_size: int = 1, temperature: float = 1.0, chunk_size: int = 512):
+    """`score(params, batch) -> logp [B, N]`: reference / old-policy log-probs, forward only; rows in
+    groups of `group_size` with the same prompt (each prompt run once)."""
 
     def score(params, batch):
-        return completion_logprobs(nnx.merge(graphdef, params), batch, temperature=temperature, chunk_size=chunk_size)
+        return completion_logprobs(nnx.merge(graphdef, params), batch, prompt_run=group_size, temperature=temperature,
+                                   chunk_size=chunk_size)
 
     return jax.jit(score)
 
