@@ -38,7 +38,9 @@ forward + backward ≈ 3 × forward over 64 × 80 tokens, the LM head where logi
 second, divided by the fp32 matmul
 FLOP/s measured in the same run (a 2048³ jitted `jnp.dot`, as bench/sampler.py), per wall second
 and per CPU second. The same FLOP count serves both frameworks (it is the workload's work, not
-what an implementation happens to compute); `torch.mm` is measured too, for reference.
+what an implementation happens to compute; r1jax's reference and policy passes run each prompt once
+per group, ≈ 17 % fewer FLOPs in those passes than this count, so its fraction is an effective
+one); `torch.mm` is measured too, for reference.
 
     python -m bench.grpo_step               # both frameworks, alternating
     python -m bench.grpo_step --no-trl      # r1jax alone (e.g. with --profile DIR for a trace of step 3)
