@@ -199,6 +199,51 @@ def test_grpo_raises_the_mean_reward_on_the_toy_task(single):
     assert history[-1]["reward/a"] == rewards[-1] and history[-1]["reward/a_std"] >= 0
 
 
+# ------------------------------------------------------------------------------------ dynamic sampling
+
+
+def a_unless_prompt_starts_late(prompts, completions, **fields):
+    """fraction_of_a, but a constant for prompts from "c" on: those groups have all-equal rewards."""
+    return [0.5 if p[0] >= "c" else c.count("a") / NEW_TOKENS for p, c in zip(prompts, completions, strict=True)]
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_trains_on_whole_informative_groups_and_masks_what_it_cannot_fill(initial):
+    """DAPO: groups with equal rewards are dropped and more prompts sampled (here up to 3 batches of 4);
+    every update sees whole groups (one prompt each, as the shared prompt pass needs) that carry
+    advantages, or fully masked filler groups where the rounds ran out."""
+    config = rl_config(steps=2, dynamic_sampling=True, max_sampling_rounds=3)
+    trainer = GRPOTrainer(config, model_from(initial), CharTokenizer(),
+                          combine({"r": (a_unless_prompt_starts_late, 1.0)}))
+    seen, update = [], trainer._update
+
+    def spy(params, opt_state, batch):
+        seen.append(jax.device_get(batch))
+        return update(params, opt_state, batch)
+
+    trainer._update = spy
+    stream = PromptStream(config.prompts_per_step, seed=3)
+    history = [trainer.step(stream) for _ in range(2)]
+    g = config.loss.group_size
+    kept = filler = 0
+    for batch in seen:  # μ = 2 passes × 2 minibatches per step, 2 groups each
+        for i in range(0, len(batch["mask"]), g):
+            group = {k: v[i:i + g] for k, v in batch.items()}
+            assert (group["prompt_tokens"] == group["prompt_tokens"][0]).all()
+            assert (group["prompt_mask"] == group["prompt_mask"][0]).all()
+            if group["mask"].any():
+                assert group["mask"].any(axis=1).all() and np.std(group["advantages"]) > 0
+                kept += 1
+            else:
+                assert (group["advantages"] == 0).all()
+                filler += 1
+    assert kept > 0 and filler > 0, (kept, filler)  # both paths ran
+    for m in history:
+        sampled = m["groups/sampled"]
+        assert sampled > config.prompts_per_step and 0 < m["groups/zero_std_fraction"] < 1
+    assert all(np.isfinite(m["train/loss"]) for m in history)  # filler rows count for nothing in the loss
+
+
 # ------------------------------------------------------------------------------------ micro-batches
 
 
