@@ -217,12 +217,6 @@ def _repeat_rows(x: jax.Array, g: int) -> jax.Array:
     return x if g == 1 else jnp.repeat(x, g, axis=0)
 
 
-def _repeat_cache(cache: KVCache, group_size: int) -> KVCache:
-    """Each prompt's cache repeated to its G rows (row p·G + j is sample j of prompt p)."""
-    rows = lambda arrays: tuple(_repeat_rows(a, group_size) for a in arrays)
-    return KVCache(rows(cache.k), rows(cache.v), _repeat_rows(cache.valid, group_size), cache.index)
-
-
 _K_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")  # keys [B, g, k, S]
 _V_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")  # values [B, g, S, k]
 
@@ -270,7 +264,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
         last = jnp.maximum(prompt_lengths - 1, 0)[:, None, None]
         h_last = jnp.take_along_axis(h, last, axis=1)  # [P, 1, D]
         logits = _repeat_rows(model.logits(h_last)[:, 0], g)  # [B, V]
-        cache = _repeat_cache(cache, g)
+        cache = cache.repeat_rows(g)  # row p·G + j is sample j of prompt p
 
     lengths0 = _repeat_rows(prompt_lengths, g)  # [B]
     stop_ids = jnp.asarray(config.eos_ids or (-1,), jnp.int32)

@@ -44,6 +44,13 @@ class KVCache(NamedTuple):
     def length(self) -> int:
         return self.valid.shape[1]
 
+    def repeat_rows(self, n: int) -> KVCache:
+        """Each row repeated n times (row i·n + j copies row i): one prompt's cache for its n samples."""
+        if n == 1:
+            return self
+        rows = lambda x: jnp.repeat(x, n, axis=0)
+        return KVCache(tuple(map(rows, self.k)), tuple(map(rows, self.v)), rows(self.valid), self.index)
+
 
 _K_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")
 _V_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.grpo import GRPOConfig, batch_counts, chunked_token_logprobs, grpo_loss
-from r1jax.model import KVCache, init_cache
+from r1jax.model import init_cache
 
 Batch = dict[str, jax.Array]
 # objective(model, batch, (sequences, tokens) of the whole batch, prompt_run) -> (loss, metrics)
@@ -66,14 +66,12 @@ def _hidden_with_shared_prompts(model, prompt, prompt_mask, tokens, mask, last_p
     if prompt.shape[0] % run:
         raise ValueError(f"{prompt.shape[0]} rows do not form runs of prompt_run={run}")
     once = lambda x: x.reshape(-1, run, *x.shape[1:])[:, 0]  # the first row of every run
-    spread = lambda x: jnp.repeat(x, run, axis=0)
     cache = init_cache(model.cfg, prompt.shape[0] // run, prompt.shape[1] + tokens.shape[1])
     h_prompt, cache = model.hidden_states(once(prompt), valid=once(prompt_mask), cache=cache)
-    cache = KVCache(tuple(map(spread, cache.k)), tuple(map(spread, cache.v)), spread(cache.valid), cache.index)
     positions = jnp.maximum(last_prompt[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32), 0)  # as one pass counts
-    h_completion, _ = model.hidden_states(tokens, positions=positions, valid=mask, cache=cache)
+    h_completion, _ = model.hidden_states(tokens, positions=positions, valid=mask, cache=cache.repeat_rows(run))
     h_last = jnp.take_along_axis(h_prompt, once(last_prompt)[:, None, None], axis=1)  # [B / run, 1, D]
-    return jnp.concatenate([spread(h_last), h_completion[:, :-1]], axis=1)
+    return jnp.concatenate([jnp.repeat(h_last, run, axis=0), h_completion[:, :-1]], axis=1)
 
 
 def grpo_objective(config: GRPOConfig, *, temperature: float, chunk_size: int) -> Objective:
