@@ -21,7 +21,6 @@ divides it by the devices' dense bf16 peak where that is known (not on CPU).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,6 +43,7 @@ from r1jax.trainers.steps import (
     init_train_state,
     make_score_fn,
     mesh_context,
+    prompt_run,
 )
 
 
@@ -266,7 +266,7 @@ class GRPOTrainer:
         # reference forward (β > 0) and μ passes of forward + backward (3 × forward), on top of generation.
         real = host["mask"].any(axis=1)
         prompt_lengths, lengths = host["prompt_mask"][real].sum(1), host["lengths"][real]
-        update_run = math.gcd(g, rows // cfg.num_minibatches // cfg.micro_batches)  # as accumulate_gradients
+        update_run = prompt_run(g, rows // cfg.num_minibatches, cfg.micro_batches)
         flops += 3 * cfg.loss.num_iterations * scoring_flops(self.model_config, prompt_lengths, lengths, update_run)
         if cfg.loss.beta > 0:
             flops += scoring_flops(self.model_config, prompt_lengths, lengths, g)

@@ -122,6 +122,12 @@ def _reduce_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
+def prompt_run(group_size: int, rows: int, micro_batches: int) -> int:
+    """How many consecutive rows share one prompt pass in each of M micro-batches of a batch whose
+    rows come in groups of `group_size` with the same prompt: gcd(G, rows per micro-batch)."""
+    return math.gcd(group_size, rows // micro_batches)
+
+
 def accumulate_gradients(graphdef, params, batch: Batch, objective: Objective, micro_batches: int,
                          group_size: int = 1):
     """Σ over micro-batches of ∇ objective, with the whole batch's counts as normalisers.
@@ -130,7 +136,7 @@ def accumulate_gradients(graphdef, params, batch: Batch, objective: Objective, m
     micro-batches keep runs of gcd(G, rows per micro-batch) of them together, and the objective
     runs each such run's prompt once (`completion_logprobs`' prompt_run)."""
     counts = batch_counts(batch["mask"])
-    run = math.gcd(group_size, batch["mask"].shape[0] // micro_batches)
+    run = prompt_run(group_size, batch["mask"].shape[0], micro_batches)
 
     def loss_fn(p, mb):
         return objective(nnx.merge(graphdef, p), mb, counts, run)
