@@ -371,22 +371,35 @@ def sample_completions(
     prompts_per_batch: int = 64,
     mesh=None,
 ) -> tuple[list[list[str]], list[list[int]]]:
-    """k completions per record (texts, cut before the stop token) and their lengths in tokens."""
+    """k completions per record (texts, cut before the stop token) and their lengths in tokens.
+
+    With a mesh over several processes (hosts), every process passes all the records: each samples
+    a contiguous share of every batch and all of them get every completion back, so they grade and
+    summarise alike. One process sampling the same batches on the same mesh draws the same tokens
+    when the share sizes are powers of two (the sampler's buckets then place the rows alike).
+    """
     import jax
 
     from r1jax.data.templates import format_prompt
     from r1jax.sampling import sample_groups
+    from r1jax.sharding import gather_processes
     from r1jax.trainers.rl import decode_completions
 
+    processes = jax.process_count() if mesh is not None else 1
     texts: list[list[str]] = []
     lengths: list[list[int]] = []
     for start in range(0, len(records), prompts_per_batch):
         chunk = records[start:start + prompts_per_batch]
         ids = [tokenizer.encode(format_prompt(template, r["question"], tokenizer=tokenizer), add_bos=True)
                for r in chunk]
-        out = sample_groups(graphdef, params, ids, k, jax.random.fold_in(key, start), sampling, mesh=mesh)
-        decoded = decode_completions(out, tokenizer.decode, sampling.eos_ids)
-        n = np.asarray(out.lengths).tolist()
+        share = -(-len(ids) // processes)  # every process samples as many prompts: the last repeats one
+        ids += ids[-1:] * (share * processes - len(ids))
+        mine = ids[share * jax.process_index(): share * (jax.process_index() + 1)] if processes > 1 else ids
+        out = sample_groups(graphdef, params, mine, k, jax.random.fold_in(key, start), sampling, mesh=mesh)
+        rows = (np.asarray(out.tokens), np.asarray(out.lengths))
+        tokens, n = gather_processes(rows) if processes > 1 else rows
+        decoded = decode_completions(out._replace(tokens=tokens, lengths=n), tokenizer.decode, sampling.eos_ids)
+        n = n.tolist()
         texts.extend(decoded[i * k:(i + 1) * k] for i in range(len(chunk)))
         lengths.extend(n[i * k:(i + 1) * k] for i in range(len(chunk)))
     return texts, lengths

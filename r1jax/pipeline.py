@@ -26,12 +26,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from r1jax.data import benchmarks, synthetic
 from r1jax.model import ModelConfig, get_preset, init_model, load_hf
 from r1jax.model.build import sharded_abstract_state
-from r1jax.sharding import make_mesh
+from r1jax.sharding import make_mesh, process_zero_first
 
 MANIFEST = "manifest.json"
 
@@ -83,10 +84,11 @@ def _json_value(x):
 
 
 def param_hash(params: nnx.State) -> str:
-    """sha256 over every parameter's path, dtype, shape and bytes."""
+    """sha256 over every parameter's path, dtype, shape and bytes. Several processes: all must call it
+    (arrays spread over their devices are gathered whole)."""
     h = hashlib.sha256()
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0])):
-        arr = np.asarray(jax.device_get(leaf))
+        arr = np.asarray(leaf if leaf.is_fully_addressable else multihost_utils.process_allgather(leaf, tiled=True))
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
@@ -144,8 +146,9 @@ class RunContext:
                 self._tokenizer = load_hf_tokenizer(c.tokenizer.path or c.model.hf_path)
             else:
                 options = c.tokenizer.get("options")
-                self._tokenizer = train_sentencepiece(self.corpus(), c.tokenizer.vocab_size, self.workdir / "tokenizer",
-                                                      options=options.to_dict() if options else None)
+                train = lambda: train_sentencepiece(self.corpus(), c.tokenizer.vocab_size, self.workdir / "tokenizer",
+                                                    options=options.to_dict() if options else None)
+                self._tokenizer = process_zero_first(train, "tokenizer")  # the others load what it saved
         return self._tokenizer
 
     def records(self, split: str) -> list[dict[str, Any]]:

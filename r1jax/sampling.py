@@ -48,7 +48,7 @@ from flax import nnx
 
 from r1jax.model import KVCache, init_cache
 from r1jax.model.transformer import rope_frequencies, rope_tables
-from r1jax.sharding import DEFAULT_RULES, constrain, gather_processes, global_rows, host_rows
+from r1jax.sharding import DEFAULT_RULES, constrain, gather_processes, global_rows, host_rows, row_blocks
 
 _NEG_INF = -jnp.inf
 
@@ -416,10 +416,12 @@ def sample_groups(
     if longest + config.max_new_tokens > max_positions:
         raise ValueError(f"longest prompt {longest} + sampling.max_new_tokens={config.max_new_tokens} exceeds "
                          f"model.max_position_embeddings={max_positions}")
-    # The batch shards over which this process's rows spread (all of them on one host).
+    # The batch shards over which this process's rows spread (all of them on one host). The P·G sample
+    # rows must split over them; so must the P prompt rows where the batch spans processes (one process
+    # may replicate its prompts instead, see `spec_for`).
     shards = 1 if mesh is None else math.prod(mesh.local_mesh.shape[a] for a in DEFAULT_RULES.mesh_axes("batch"))
-    tokens, lengths = pad_prompts(prompts, config.pad_id, bucket(longest, min_prompt_length),
-                                  shards // math.gcd(shards, group_size))
+    min_prompts = shards if mesh is not None and row_blocks(mesh) > 1 else shards // math.gcd(shards, group_size)
+    tokens, lengths = pad_prompts(prompts, config.pad_id, bucket(longest, min_prompt_length), min_prompts)
     if mesh is None:
         out = generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key, config, group_size)
     else:

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+T = TypeVar("T")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -167,6 +170,19 @@ def gather_processes(tree):
 def sum_processes(x: np.ndarray) -> np.ndarray:
     """The sum over processes of a host array (one process: `x`)."""
     return x if jax.process_count() == 1 else np.asarray(multihost_utils.process_allgather(x)).sum(0)
+
+
+def process_zero_first(fn: Callable[[], T], name: str) -> T:
+    """`fn()` on process 0, then on the others once it has returned (a barrier named `name`): for work
+    that writes a shared file the other processes then read, such as a trained tokenizer."""
+    if jax.process_count() == 1:
+        return fn()
+    if jax.process_index() == 0:
+        result = fn()
+        multihost_utils.sync_global_devices(name)
+        return result
+    multihost_utils.sync_global_devices(name)
+    return fn()
 
 
 def all_processes(flag: bool) -> bool:

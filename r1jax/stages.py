@@ -157,13 +157,15 @@ def rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module,
     finally:
         if pool is not None:
             pool.close()
-    figures = plot_curves(stage_dir / "metrics.jsonl", stage_dir)
-    summary = _summary(stage_dir / "metrics.jsonl")
-    report = write_report(stage_dir, summary, figures)
-    if summary:
-        print(f"[r1jax] held-out pass@1: base {summary['base pass@1 (held-out)']:.3f} → final "
-              f"{summary['final pass@1 (held-out)']:.3f} ({summary['pass@1 gain (points)']:+.1f} points)", flush=True)
-    print(f"[r1jax] report: {report}", flush=True)
+    if jax.process_index() == 0:  # the report reads metrics.jsonl, which process 0 alone writes
+        figures = plot_curves(stage_dir / "metrics.jsonl", stage_dir)
+        summary = _summary(stage_dir / "metrics.jsonl")
+        report = write_report(stage_dir, summary, figures)
+        if summary:
+            print(f"[r1jax] held-out pass@1: base {summary['base pass@1 (held-out)']:.3f} → final "
+                  f"{summary['final pass@1 (held-out)']:.3f} ({summary['pass@1 gain (points)']:+.1f} points)",
+                  flush=True)
+        print(f"[r1jax] report: {report}", flush=True)
     return trainer.model, (history[-1] if history else {})
 
 

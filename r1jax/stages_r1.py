@@ -435,7 +435,8 @@ def reasoning_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[n
     reward = combine(rule_rewards(ctx, s.rewards))
     trainer, history = train_grpo(ctx, model, stage_dir, s, reasoning_records(ctx, "train"), reward,
                                   c.data.r1_template)
-    plot_curves(stage_dir / "metrics.jsonl", stage_dir)
+    if jax.process_index() == 0:  # metrics.jsonl is process 0's
+        plot_curves(stage_dir / "metrics.jsonl", stage_dir)
     return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=c.data.r1_template,
                                  metrics={}, history=history, t0=t0, cpu0=cpu0)
 
@@ -512,7 +513,8 @@ def rl_all(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Mod
     n_general = general_count(len(reasoning), s.general_fraction)
     records = reasoning + (general.generate("train", n_general, seed=c.seed) if n_general else [])
     trainer, history = train_grpo(ctx, model, stage_dir, s, records, combine(rewards), c.data.r1_template)
-    plot_curves(stage_dir / "metrics.jsonl", stage_dir)
+    if jax.process_index() == 0:  # metrics.jsonl is process 0's
+        plot_curves(stage_dir / "metrics.jsonl", stage_dir)
     return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=c.data.r1_template,
                                  metrics={}, history=history, t0=t0, cpu0=cpu0)
 

@@ -3,6 +3,13 @@
 NAME is a file of the `configs` package (`configs/NAME.py` with `get_config()`), found whether
 r1jax is installed or used from a checkout, or a path to such a file. Overrides use
 ml_collections' `--config.a.b=value` syntax; an unknown field fails before any work, naming it.
+
+Several hosts (a TPU pod slice): start the same command on every host with `--distributed`, which
+calls `jax.distributed.initialize()` before anything else touches JAX (on TPU, GKE or SLURM it finds
+the coordinator itself; elsewhere give `--coordinator_address`, `--num_processes` and
+`--process_id`, which imply `--distributed`). The workdir must then be one folder that every host
+sees (a shared file system): process 0 writes the tokenizer, manifests, metrics and reports, and
+every process reads them back and writes its shards of the checkpoints.
 """
 
 from __future__ import annotations
@@ -48,6 +55,18 @@ def default_workdir(config: ConfigDict) -> str:
     return os.path.join("runs", config.get("name", "run"))
 
 
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """`jax.distributed.initialize` with what was given (None: JAX's cluster auto-detection); CPU
+    processes exchange their collectives over gloo."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+    print(f"[r1jax] process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of "
+          f"{jax.device_count()} devices", flush=True)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -58,6 +77,8 @@ def main(argv: list[str]) -> None:
     from r1jax.stages_distill import DISTILL_STAGES
     from r1jax.stages_r1 import R1_STAGES
 
+    if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
     workdir = FLAGS.workdir or default_workdir(config)
     print(f"[r1jax] config {config.get('name')}: workdir {workdir}", flush=True)
@@ -109,6 +130,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def run() -> None:
     config_flags.DEFINE_config_file("config", None, "configs/NAME.py (or NAME) with get_config()", lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and reports go (default runs/NAME)")
+    flags.DEFINE_bool("distributed", False, "several hosts: call jax.distributed.initialize() first")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed)")
+    flags.DEFINE_integer("num_processes", None, "how many processes take part (implies --distributed)")
+    flags.DEFINE_integer("process_id", None, "this process's index, 0 … num_processes - 1 (implies --distributed)")
     flags.mark_flag_as_required("config")
     app.run(main, argv=_rewrite_config_arg(sys.argv), flags_parser=_parse_flags)
 

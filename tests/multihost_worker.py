@@ -1,7 +1,7 @@
 """One process of tests/test_multihost.py's 2-process runs: 4 CPU devices each, one (2, 2, 2) mesh over
 all 8 (process 0 holds the mesh's data row 0, process 1 row 1), and this process's half of the work.
 
-    python tests/multihost_worker.py sample|grpo|sft|checkpoint PROCESS_ID PORT OUT.npz
+    python tests/multihost_worker.py sample|grpo|sft|evaluate|checkpoint PROCESS_ID PORT OUT.npz
 """
 
 import os
@@ -91,6 +91,33 @@ def sft_run(mesh, process_id: int = 0, processes: int = 1):
     return trainer, [{**m, "batch_shape": np.asarray(shape)} for m, shape in zip(history, shapes, strict=True)]
 
 
+def evaluation(mesh=None):
+    """`evaluate_model` of test_trainer's model on 7 prompts in batches of 4 (the second batch does not
+    split evenly over 2 processes), GROUP samples each, graded on the completions' lengths: (summary,
+    per-problem results). Every process passes all the prompts."""
+    import jax
+    from flax import nnx
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_trainer import CharTokenizer, initial_params, model_from
+
+    from r1jax.evaluate import evaluate_model
+
+    graphdef, state = nnx.split(model_from(initial_params(), mesh))
+    records = [{"id": i, "question": q, "answer": ""} for i, q in enumerate(["abc", "d", "efghi", "ba", "ccc", "hg",
+                                                                              "abcdefgh"])]
+    return evaluate_model(graphdef, state, records, CharTokenizer(), template="plain", k=GROUP,
+                          sampling=sampling_config().replace(top_k=0, top_p=1.0), key=jax.random.key(SEED),
+                          grader=lambda completions, record: [float(len(c) % 3 == 0) for c in completions],
+                          mesh=mesh, prompts_per_batch=4)
+
+
+def evaluate(process_id: int, mesh) -> dict[str, np.ndarray]:
+    summary, per_problem = evaluation(mesh)
+    return {"lengths": np.asarray([r["lengths"] for r in per_problem]),
+            "scores": np.asarray([r["scores"] for r in per_problem]), "pass1": np.asarray(summary["pass@1"])}
+
+
 def grpo(process_id: int, mesh) -> dict[str, np.ndarray]:
     import jax
 
@@ -152,7 +179,7 @@ def main(mode: str, process_id: int, port: int, out: str) -> None:
     if mode == "checkpoint":
         result = checkpoint(process_id, mesh, os.path.join(os.path.dirname(out), "checkpoints"))
     else:
-        result = {"sample": sample, "grpo": grpo, "sft": sft}[mode](process_id, mesh)
+        result = {"sample": sample, "grpo": grpo, "sft": sft, "evaluate": evaluate}[mode](process_id, mesh)
     np.savez(out, **result)
     jax.distributed.shutdown()
 

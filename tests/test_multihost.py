@@ -71,6 +71,21 @@ def test_sampling_on_two_processes_equals_one_process(tmp_path):
     assert np.any(np.asarray(ref.mask).sum(1) < 12) and np.any(np.asarray(ref.mask).sum(1) == 12)
 
 
+def test_evaluation_on_two_processes_equals_one_process(tmp_path):
+    """Every process passes all the held-out prompts; each samples its share of every batch on the shared
+    mesh (the last prompt repeated where a batch does not split evenly) and all get every completion
+    back: per-problem lengths and scores, and pass@1, equal one process evaluating alone."""
+    parts = run_two_processes("evaluate", tmp_path)
+    summary, per_problem = worker.evaluation()
+    lengths = np.asarray([r["lengths"] for r in per_problem])
+    scores = np.asarray([r["scores"] for r in per_problem])
+    for part in parts:
+        np.testing.assert_array_equal(part["lengths"], lengths)
+        np.testing.assert_array_equal(part["scores"], scores)
+        assert float(part["pass1"]) == summary["pass@1"]
+    assert len(set(lengths.ravel().tolist())) > 2 and 0 < summary["pass@1"] < 1  # the comparison has content
+
+
 def assert_same_training(parts, trainer, history, metric_names):
     """Both processes hold the one-process run's parameters and metrics, and training moved them."""
     expected = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trainer.params))]

@@ -92,10 +92,10 @@ def env(tmp_path_factory):
     return env
 
 
-def start(env, workdir, delay=0.0, **extra):
+def start(env, workdir, delay=0.0, flags=(), **extra):
     log = open(Path(workdir).parent / f"{Path(workdir).name}.{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, *cli_args(workdir, **extra)], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT, env={**env, "R1JAX_TEST_STEP_DELAY": str(delay)})
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, *cli_args(workdir, **extra), *flags], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, env={**env, "R1JAX_TEST_STEP_DELAY": str(delay)})
     proc.log = log
     return proc
 
@@ -272,6 +272,44 @@ def test_sigterm_saves_and_sigkill_resumes_to_the_same_run(reference, env, tmp_p
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
     manifest = json.loads((workdir / "rl" / "manifest.json").read_text())
     assert manifest["param_hash"] == json.loads((reference / "rl" / "manifest.json").read_text())["param_hash"]
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_pipeline_as_one_job(env, tmp_path):
+    """Several hosts, as 2 local processes of 2 CPU devices each (`--coordinator_address`, `--num_processes`,
+    `--process_id`) sharing one workdir: one job on a 4-device mesh, each process loading its share of
+    every batch. Process 0 alone writes the run's files (each step's metrics once, the report); every
+    evaluation covers all held-out problems, sampled half by each process; both exit 0, and a rerun of
+    both skips every stage."""
+    from test_multihost import free_port
+
+    workdir = tmp_path / "two"
+    two_devices = {**env, "XLA_FLAGS": env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}
+
+    def run_both():
+        port = free_port()
+        procs = [start(two_devices, workdir, flags=(f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                                    f"--process_id={i}")) for i in range(2)]
+        outs = [finish(p, timeout=600) for p in procs]
+        for p, out in zip(procs, outs, strict=True):
+            assert p.returncode == 0, out[-5000:]
+        return outs
+
+    outs = run_both()
+    for i, out in enumerate(outs):
+        assert f"[r1jax] process {i} of 2: 2 of 4 devices" in out, out[-3000:]
+    assert "[r1jax] report:" in outs[0] and "[r1jax] report:" not in outs[1]
+    rows = records(workdir / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(RL_STEPS + 1))
+    assert {r["step"] for r in rows if "eval/pass1" in r} == {0, 3, 6}
+    assert outs[0].count(f"({OVERRIDES['data.eval_size']} problems × k=1)") == 3
+    pre = json.loads((workdir / "pretrain" / "manifest.json").read_text())
+    rl = json.loads((workdir / "rl" / "manifest.json").read_text())
+    assert pre["status"] == rl["status"] == "done" and rl["init_param_hash"] == pre["param_hash"]
+    assert (workdir / "rl" / "report.md").exists() and saved_steps(workdir / "rl") == [4, 6]
+
+    for out in run_both():
+        assert "stage pretrain: done already" in out and "stage rl: done already" in out
 
 
 # ------------------------------------------------------------------------------------ bad configs
