@@ -38,6 +38,8 @@ class ShardingRules:
 
     Parameters: `vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`.
     Activations and caches: `batch`, `seq`, `act_embed`, `cache_seq`.
+    Optimizer state: `optimizer_extra`, mesh axes over which a parameter-shaped optimizer leaf
+    (Adam's μ, ν) is split beyond its parameter's own sharding (`optimizer_state_sharding`).
     """
 
     batch: MeshAxes = ("data", "fsdp")
@@ -51,6 +53,9 @@ class ShardingRules:
     head_dim: MeshAxes = None
     mlp: MeshAxes = "tensor"
     norm: MeshAxes = None
+    # ZeRO-1: data-parallel replicas hold a parameter whole but each keeps (and updates) only its
+    # slice of the parameter's Adam state; the update step gathers the new parameters.
+    optimizer_extra: MeshAxes = "data"
 
     def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
         if logical is None:
@@ -124,6 +129,27 @@ def spec_for(
 
 def named_sharding(shape, logical, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, spec_for(shape, logical, mesh, rules))
+
+
+def optimizer_state_sharding(param: jax.Array, rules: ShardingRules = DEFAULT_RULES) -> jax.sharding.Sharding:
+    """Where a parameter-shaped optimizer leaf of `param` lives: the parameter's sharding, each
+    `optimizer_extra` mesh axis it does not use yet added on its first dimension that is replicated
+    and divisible (else that axis keeps the leaf whole, as a parameter's undividable dimension)."""
+    sharding = param.sharding
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    mesh = sharding.mesh
+    spec = list(sharding.spec) + [None] * (param.ndim - len(sharding.spec))
+    used = {a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
+    for axis in rules.mesh_axes("optimizer_extra"):
+        size = mesh.shape.get(axis, 1)
+        if size == 1 or axis in used:
+            continue
+        dim = next((i for i, (entry, n) in enumerate(zip(spec, param.shape, strict=True))
+                    if entry is None and n % size == 0), None)
+        if dim is not None:
+            spec[dim] = axis
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def row_blocks(mesh: Mesh) -> int:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from r1jax.checkpoint import NonFiniteError
 from r1jax.grpo import GRPOConfig
@@ -163,11 +164,15 @@ def test_three_grpo_steps_match_on_one_device_and_on_a_2x2x2_mesh(initial, singl
     sharded = grpo_trainer(initial, mesh=mesh)
     stream = PromptStream(sharded.config.prompts_per_step)
     sharded_history = [sharded.step(stream) for _ in range(3)]
-    # really spread over the 8 devices: the embedding over fsdp × tensor, Adam's moments like the parameters
+    # really spread over the 8 devices: the embedding over fsdp × tensor; Adam's moments like the parameters,
+    # and split over the data axis too where a dimension is free (ZeRO-1)
     embed = sharded.params["embed"][...]
     assert len(embed.sharding.device_set) == 8 and embed.sharding.shard_shape(embed.shape) != embed.shape
-    mu = sharded.opt_state[1][0].mu["embed"][...]
-    assert mu.sharding.is_equivalent_to(embed.sharding, embed.ndim)
+    mu = sharded.opt_state[1][0].mu
+    assert mu["embed"][...].sharding.is_equivalent_to(embed.sharding, embed.ndim)
+    assert sharded.params["final_norm"]["scale"][...].sharding.spec == P(None)
+    assert mu["final_norm"]["scale"][...].sharding.spec == P("data")
+    assert mu["layers"][0]["attn"]["k"][...].sharding.spec == P("fsdp", None, "data")  # kv_heads = 1 does not split
     assert sharded._update._cache_size() == 1  # the new state keeps its shardings: no recompile per step
     assert max_rel_diff(host(sharded.params), after3) <= 1e-5
     for a, b in zip(history[:3], sharded_history, strict=True):

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.grpo import GRPOConfig, batch_counts, chunked_token_logprobs, grpo_loss
 from r1jax.model import init_cache
+from r1jax.sharding import optimizer_state_sharding
 
 Batch = dict[str, jax.Array]
 # objective(model, batch, (sequences, tokens) of the whole batch, prompt_run) -> (loss, metrics)
@@ -178,13 +179,14 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, objectiv
 
 def init_opt_state(optimizer: optax.GradientTransformation, params) -> Any:
     """The optimizer state, created in place: parameter-shaped leaves (Adam's μ, ν) sharded like their
-    parameter, the rest (step counts) replicated. A plain `jit(optimizer.init)` replicates μ and ν on
-    every device, which costs FSDP its memory saving."""
+    parameter and further over the data-parallel axis (`sharding.optimizer_state_sharding`: each
+    replica updates only its slice, ZeRO-1), the rest (step counts) replicated. A plain
+    `jit(optimizer.init)` replicates μ and ν on every device, which costs FSDP its memory saving."""
     first = jax.tree.leaves(params)[0].sharding
     replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
     abstract = jax.eval_shape(optimizer.init, params)
-    shardings = optax.tree_utils.tree_map_params(optimizer, lambda _, p: p.sharding, abstract, params,
-                                                 transform_non_params=lambda _: replicated)
+    shardings = optax.tree_utils.tree_map_params(optimizer, lambda _, p: optimizer_state_sharding(p), abstract,
+                                                 params, transform_non_params=lambda _: replicated)
     return jax.jit(optimizer.init, out_shardings=shardings)(params)
 
 
