@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from r1jax.model import ModelConfig, get_preset, init_model, load_hf, logical_axes, save_hf, shard_model
 from r1jax.model.config import from_hf_config
-from r1jax.sharding import ShardingRules, make_mesh, spec_for
+from r1jax.sharding import ShardingRules, make_mesh, optimizer_state_sharding, spec_for
 
 # heads 8 / kv 4 / mlp 128 / vocab 128 / embed 64: every sharded dim divides every mesh below.
 CFG = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, intermediate_size=128,
@@ -94,6 +94,23 @@ def test_shard_model_moves_to_table_layout():
     emb = nnx.state(model)["embed"][...]
     assert emb.sharding.spec == P("tensor", "fsdp")
     assert logical_axes(nnx.state(model))["embed"] == ("vocab", "embed")
+
+
+def test_optimizer_state_splits_over_data_where_a_dimension_is_free():
+    """ZeRO-1: a parameter-shaped optimizer leaf keeps its parameter's sharding and adds `data` on the first
+    replicated dimension it divides; none such (or the rule off, or `data` used already): as the parameter."""
+    mesh = make_mesh(2, 2, 2)
+
+    def placed(shape, spec):
+        return jax.device_put(jnp.zeros(shape), jax.sharding.NamedSharding(mesh, spec))
+
+    assert optimizer_state_sharding(placed((4, 3, 8), P("fsdp"))).spec == P("fsdp", None, "data")
+    assert optimizer_state_sharding(placed((3, 5), P(None, None))).spec == P(None, None)  # nothing divides
+    assert optimizer_state_sharding(placed((4, 6), P("tensor", "fsdp"))).spec == P("tensor", "fsdp")
+    assert optimizer_state_sharding(placed((8,), P("data"))).spec == P("data")
+    assert optimizer_state_sharding(placed((8,), P(None)), ShardingRules(optimizer_extra=None)).spec == P(None)
+    assert optimizer_state_sharding(placed((4, 8), P()), ShardingRules(optimizer_extra=("data", "fsdp"))).spec == \
+        P("data", "fsdp")
 
 
 def test_table_rejects_two_logical_axes_on_one_mesh_axis():
