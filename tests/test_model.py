@@ -145,3 +145,14 @@ def test_mlp_matmul_gradient_equals_autodiff():
     np.testing.assert_allclose(out, x @ w, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, dy @ w.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, np.einsum("btd,btf->df", x, dy), rtol=1e-5, atol=1e-5)
+
+
+def test_random_init_scales_each_matrix_by_its_matmul_fan_in():
+    """N(0, 1/fan_in) with fan-in the dimensions the matmul contracts: d for q/k/v/gate/up, heads × head_dim
+    for the attention output (not the head count alone), the MLP width for down."""
+    cfg = get_preset("tiny-qwen2")  # d 64, 4 heads × 16, 2 KV heads, MLP 128
+    layer = init_model(cfg, seed=0).layers[0]
+    fan_in = {"q": 64, "k": 64, "v": 64, "o": 4 * 16, "gate": 64, "up": 64, "down": 128}
+    for name, n in fan_in.items():
+        w = np.asarray(getattr(layer.attn if name in ("q", "k", "v", "o") else layer.mlp, name)[...])
+        np.testing.assert_allclose(w.std(), 1 / np.sqrt(n), rtol=0.06, err_msg=name)

@@ -64,14 +64,16 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
     return KVCache(keys, values, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
-def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal") -> nnx.Param:
+def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal", inputs: int = 1) -> nnx.Param:
+    """A parameter of `shape`; "normal": N(0, 1/fan_in) with fan-in the product of the first `inputs`
+    dimensions (the ones a matmul contracts: 2 for the attention output [heads, head_dim, embed])."""
     dtype = jnp.dtype(cfg.param_dtype)
     if init == "ones":
         value = jnp.ones(shape, dtype)
     elif init == "zeros":
         value = jnp.zeros(shape, dtype)
     else:  # fan-in scaled normal, the usual LLM init
-        fan_in = shape[0] if len(shape) > 1 else 1
+        fan_in = math.prod(shape[:inputs]) if len(shape) > 1 else 1
         value = jax.random.normal(rngs.params(), shape, dtype) * (1.0 / math.sqrt(fan_in))
     return nnx.Param(value, axes=axes)
 
@@ -136,7 +138,7 @@ class Attention(nnx.Module):
         self.q = _param(rngs, (d, h, k), ("embed", "heads", "head_dim"), cfg)
         self.k = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), cfg)
         self.v = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), cfg)
-        self.o = _param(rngs, (h, k, d), ("heads", "head_dim", "embed"), cfg)
+        self.o = _param(rngs, (h, k, d), ("heads", "head_dim", "embed"), cfg, inputs=2)
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (h, k), ("heads", "head_dim"), cfg, init="zeros")
             self.k_bias = _param(rngs, (g, k), ("kv_heads", "head_dim"), cfg, init="zeros")
