@@ -66,7 +66,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
 
 def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal", inputs: int = 1) -> nnx.Param:
     """A parameter of `shape`; "normal": N(0, 1/fan_in) with fan-in the product of the first `inputs`
-    dimensions (the ones a matmul contracts: 2 for the attention output [heads, head_dim, embed])."""
+    dimensions: for a projection the ones its matmul contracts (2 for the attention output [heads,
+    head_dim, embed]); the embedding table [vocab, embed] is scaled by its vocabulary size likewise."""
     dtype = jnp.dtype(cfg.param_dtype)
     if init == "ones":
         value = jnp.ones(shape, dtype)
