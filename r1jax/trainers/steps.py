@@ -193,7 +193,7 @@ def init_opt_state(optimizer: optax.GradientTransformation, params) -> Any:
 def init_train_state(graphdef, params, optimizer: optax.GradientTransformation, objective: Objective,
                      micro_batches: int, mesh: Mesh | None, group_size: int = 1) -> tuple[Any, Any, Callable]:
     """(params, opt_state, update step) for a trainer: the params committed to their devices, the
-    optimizer state sharded like them, and the update step pinned to both shardings, as its outputs
+    optimizer state placed by `init_opt_state`, and the update step pinned to both shardings, as its outputs
     are (otherwise step 2, seeing new input shardings, compiles again)."""
     params = jax.device_put(params, shardings_of(params))
     with mesh_context(mesh):
