@@ -9,6 +9,7 @@ steps share one trainer.
 """
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,15 @@ from r1jax.trainers.loop import run_loop
 from r1jax.trainers.optim import OptimConfig, make_optimizer
 from r1jax.trainers.rl import GRPOTrainer, RLConfig, forward_flops, generation_flops, scoring_flops
 from r1jax.trainers.sft import sft_batch
-from r1jax.trainers.steps import completion_logprobs, grpo_objective, init_opt_state, make_update_step, sft_objective
+from r1jax.trainers.steps import (
+    completion_logprobs,
+    grpo_objective,
+    init_opt_state,
+    make_score_fn,
+    make_update_step,
+    sft_objective,
+    training_compiler_options,
+)
 
 NEW_TOKENS = 8
 LEARN_STEPS = 20
@@ -416,3 +425,26 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(init
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def ynn_dots(compiled) -> int:
+    """How many matmuls a compiled CPU program runs inside YNNPACK fusions."""
+    text = compiled.as_text()
+    called = re.findall(r"calls=%?([\w.\-]+)[^\n]*__ynn_fusion", text)
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, re.S)}
+    return sum(" dot(" in bodies[name] for name in called)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU setting")
+def test_training_programs_run_their_matmuls_outside_ynnpack_on_cpu(initial):
+    if not training_compiler_options():
+        pytest.skip("this XLA has no YNNPACK fusion option")
+    graphdef, state = initial
+    params, batch = jax.tree.map(jnp.asarray, state), grpo_batch(group=2)
+    score = make_score_fn(graphdef, group_size=2)
+    assert ynn_dots(jax.jit(score.__wrapped__).lower(params, batch).compile()) > 0  # XLA's default
+    assert ynn_dots(score.lower(params, batch).compile()) == 0
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2))
+    objective = grpo_objective(GRPOConfig(group_size=2), temperature=1.0, chunk_size=4)
+    step = make_update_step(graphdef, optimizer, objective, group_size=2)
+    assert ynn_dots(step.lower(params, optimizer.init(params), batch).compile()) == 0
