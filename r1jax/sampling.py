@@ -293,9 +293,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
     cos_table, sin_table = (t[0, :, 0] for t in rope_tables(jnp.arange(slots + n_new)[None], rope_frequencies(cfg)))
 
     def body(carry):
-        # Draw token `step` from the carried logits, then run it through the model for the next
-        # logits. The forward after the last draw is wasted (1 of N); in exchange the program holds
-        # one copy of the sampling code per loop.
+        # Draw token `step` from the carried logits, then run it through the model for the next logits.
         step, cache, logits, done, n_tokens, out = carry
         with jax.named_scope("sample"):
             tokens, done_next, counted, out = draw(logits, step, done, out)
@@ -317,8 +315,12 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
     for end in phases:
         step, cache, *rest = carry
         carry = (step, _extend_cache(cache, slots + end), *rest)
-        carry = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & running(c), body, carry)
-    steps, _, _, done, n_tokens, (toks, logp, plogp) = carry
+        stop = end - 1 if end == n_new else end  # token N-1 is drawn below: no forward after it
+        carry = jax.lax.while_loop(lambda c, stop=stop: (c[0] < stop) & running(c), body, carry)
+    step, _, logits, done, n_tokens, out = carry
+    with jax.named_scope("sample"):  # rows that have ended (all of them after an early exit) draw nothing
+        _, done, counted, (toks, logp, plogp) = draw(logits, step, done, out)
+    steps, n_tokens = step + jnp.any(counted), n_tokens + counted.astype(jnp.int32)
     return SampleOutput(
         tokens=toks.T, mask=jnp.arange(n_new)[None, :] < n_tokens[:, None], lengths=n_tokens, truncated=~done,
         logprobs=logp.T, policy_logprobs=plogp.T,
@@ -347,7 +349,13 @@ def generate(
     checks the lengths. Call it under `jax.set_mesh(mesh)` to run sharded on the mesh the
     parameters live on.
     """
-    config.check_vocab(_model_config(graphdef, state).vocab_size)
+    cfg = _model_config(graphdef, state)
+    return _checked_generate(cfg, graphdef, state, prompt_tokens, prompt_lengths, key, config, group_size)
+
+
+def _checked_generate(cfg, graphdef, state, prompt_tokens, prompt_lengths, key, config, group_size):
+    """`generate` for callers that already hold the model's config `cfg` (one merge fewer per call)."""
+    config.check_vocab(cfg.vocab_size)
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size={group_size!r} must be an int ≥ 1")
     if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
@@ -412,7 +420,8 @@ def sample_groups(
         if np.any(counts[:, 0] != n_prompts):
             raise ValueError(f"every process must sample the same number of prompts: got {counts[:, 0].tolist()}")
         longest = int(counts[:, 1].max())
-    max_positions = _model_config(graphdef, state).max_position_embeddings
+    cfg = _model_config(graphdef, state)
+    max_positions = cfg.max_position_embeddings
     if longest + config.max_new_tokens > max_positions:
         raise ValueError(f"longest prompt {longest} + sampling.max_new_tokens={config.max_new_tokens} exceeds "
                          f"model.max_position_embeddings={max_positions}")
@@ -423,11 +432,12 @@ def sample_groups(
     min_prompts = shards if mesh is not None and row_blocks(mesh) > 1 else shards // math.gcd(shards, group_size)
     tokens, lengths = pad_prompts(prompts, config.pad_id, bucket(longest, min_prompt_length), min_prompts)
     if mesh is None:
-        out = generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key, config, group_size)
+        out = _checked_generate(cfg, graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key, config,
+                                group_size)
     else:
         with jax.set_mesh(mesh):
-            out = generate(graphdef, state, global_rows(tokens, mesh), global_rows(lengths, mesh), key, config,
-                           group_size)
+            out = _checked_generate(cfg, graphdef, state, global_rows(tokens, mesh), global_rows(lengths, mesh), key,
+                                    config, group_size)
         out = out._replace(**{f: host_rows(getattr(out, f), mesh) for f in SampleOutput._fields if f != "steps"})
     if tokens.shape[0] == n_prompts:
         return out
