@@ -439,6 +439,9 @@ def ynn_dots(compiled) -> int:
 def test_training_programs_run_their_matmuls_outside_ynnpack_on_cpu(initial):
     if not training_compiler_options():
         pytest.skip("this XLA has no YNNPACK fusion option")
+    with pytest.MonkeyPatch.context() as m:  # a choice made in XLA_FLAGS stands
+        m.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+        assert training_compiler_options.__wrapped__() == {}
     graphdef, state = initial
     params, batch = jax.tree.map(jnp.asarray, state), grpo_batch(group=2)
     score = make_score_fn(graphdef, group_size=2)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -35,16 +36,18 @@ Batch = dict[str, jax.Array]
 
 # XLA:CPU's default hands dots and reductions to YNNPACK. The training programs' matmuls are large
 # ([rows·tokens, d] × [d, f]), where XLA's own (Eigen) dot kernels are faster; the sampler's decode
-# matmuls have one row per sequence, where YNNPACK is. In-process A/B on the bench model's GRPO
-# update and reference pass (2 CPU devices, bench/RESULTS.md): 5-10 % less CPU time for both.
-_CPU_TRAINING_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+# program, whose matmuls have one row per sequence, is faster with the default. In-process A/B on the
+# bench model's GRPO update and reference pass (2 CPU devices, bench/RESULTS.md): 6-12 % less CPU time.
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_CPU_TRAINING_OPTIONS = {_YNN_OPTION: "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @functools.cache
 def training_compiler_options() -> dict[str, str]:
     """XLA options for the training programs (update and scoring): YNNPACK kept for reductions only on
-    CPU; none elsewhere, nor where this XLA does not know the (experimental) option."""
-    if jax.default_backend() != "cpu":
+    CPU; none elsewhere, where XLA_FLAGS sets the option (the user's choice stands), or where this XLA
+    does not know the (experimental) option."""
+    if jax.default_backend() != "cpu" or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
         return {}
     try:
         jax.jit(lambda x: x + 1).lower(0.0).compile(_CPU_TRAINING_OPTIONS)
