@@ -33,6 +33,8 @@ from r1jax.model import init_cache
 from r1jax.sharding import optimizer_state_sharding
 
 Batch = dict[str, jax.Array]
+# objective(model, batch, (sequences, tokens) of the whole batch, prompt_run) -> (loss, metrics)
+Objective = Callable[[nnx.Module, Batch, tuple[jax.Array, jax.Array], int], tuple[jax.Array, dict[str, jax.Array]]]
 
 # XLA:CPU's default hands dots and reductions to YNNPACK. The training programs' matmuls are large
 # ([rows·tokens, d] × [d, f]), where XLA's own (Eigen) dot kernels are faster; the sampler's decode
@@ -54,8 +56,6 @@ def training_compiler_options() -> dict[str, str]:
     except jax.errors.JaxRuntimeError:  # the option was renamed or removed: XLA's defaults are fine
         return {}
     return dict(_CPU_TRAINING_OPTIONS)
-# objective(model, batch, (sequences, tokens) of the whole batch, prompt_run) -> (loss, metrics)
-Objective = Callable[[nnx.Module, Batch, tuple[jax.Array, jax.Array], int], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def completion_logprobs(
