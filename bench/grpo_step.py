@@ -361,6 +361,7 @@ def main():
     args = parser.parse_args()
 
     tokenizer = build_tokenizer()
+    jiffies = workload.cpu_jiffies()
     load = os.getloadavg()
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{x:.1f}' for x in load)}; jax {jax.__version__} ({jax.devices()[0].platform} × "
@@ -399,7 +400,7 @@ def main():
         print(f"r1jax vs TRL: {theirs['wall'] / ours['wall']:.2f}× faster per step (median wall), "
               f"{theirs['cpu'] / ours['cpu']:.2f}× fewer CPU seconds per step")
     end = os.getloadavg()
-    print(f"load average at the end: {', '.join(f'{x:.1f}' for x in end)}")
+    print(f"load average at the end: {', '.join(f'{x:.1f}' for x in end)}; {workload.steal_report(jiffies)}")
 
 
 if __name__ == "__main__":

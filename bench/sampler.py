@@ -103,6 +103,7 @@ def main():
     graphdef, state = nnx.split(workload.r1jax_model(mesh))
     cfg = nnx.merge(graphdef, state).cfg
     hf = None if args.no_hf else workload.hf_model(args.hf_attn)
+    jiffies = workload.cpu_jiffies()
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; jax {jax.__version__} "
           f"({jax.devices()[0].platform} × {jax.device_count()})")
@@ -140,6 +141,7 @@ def main():
         for other in [k for k in r if k != "r1jax"]:
             print(f"  r1jax / {other}: {r['r1jax']['tps'] / r[other]['tps']:.2f}× tokens/s (wall), "
                   f"{r['r1jax']['tpcs'] / r[other]['tpcs']:.2f}× tokens per CPU second")
+    print(workload.steal_report(jiffies))
 
 
 if __name__ == "__main__":

@@ -191,6 +191,26 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) CPU time of the whole machine since boot, in jiffies, from /proc/stat (None where
+    there is no such file). Steal is time the hypervisor gave this VM's vCPUs to other guests."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_report(start: tuple[int, int] | None) -> str:
+    """The host's steal time since `start` (a `cpu_jiffies()` reading), as a line for a benchmark's
+    output: with steal time above a few per cent the peers' timings are not like-for-like (torch's
+    spinning OpenMP threads lose more than XLA's when the host takes cores)."""
+    end = cpu_jiffies()
+    if start is None or end is None or end[1] == start[1]:
+        return "host steal time during the run: unknown"
+    return f"host steal time during the run: {(end[0] - start[0]) / (end[1] - start[1]):.0%} of CPU time"
+
+
 def matmul_roofline(n: int = 2048, repeats: int = 5, backend: str = "jax") -> tuple[float, float]:
     """Best achieved fp32 FLOP/s of an [n, n] @ [n, n] matmul: (per wall second, per CPU second).
 
