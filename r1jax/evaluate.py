@@ -518,4 +518,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    from r1jax.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # on CPU: huge pages for XLA's buffers
     main()

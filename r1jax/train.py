@@ -23,6 +23,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+from r1jax.hugepages import reexec_with_huge_pages
+
 FLAGS = flags.FLAGS
 
 
@@ -139,4 +141,5 @@ def run() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # on CPU: huge pages for XLA's buffers (r1jax/hugepages.py)
     run()

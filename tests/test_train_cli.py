@@ -381,3 +381,68 @@ def test_bad_values_fail_before_any_work(tmp_path, monkeypatch, changes, message
         run_pipeline(config, tmp_path / "w", STAGES, validate=validate_config)
     assert message in str(raised.value)
     assert not (tmp_path / "w").exists()
+
+
+HUGE_PAGES_PROBE = r"""
+import ctypes, os
+print("started", os.getpid(), flush=True)
+from r1jax.hugepages import reexec_with_huge_pages
+reexec_with_huge_pages()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+size = 64 << 20  # served by mmap: the kind of block XLA:CPU's temporaries are
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+with open("/proc/self/smaps_rollup") as f:
+    huge = next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+print("tunables", os.environ.get("GLIBC_TUNABLES"), "huge_kib", huge, flush=True)
+"""
+
+
+def _probe(**env):
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "R1JAX_HUGE_PAGES")}
+    result = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], cwd=REPO, capture_output=True, text=True,
+                            env={**base, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **env}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    started = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("started")]
+    *_, tunables, _, huge = result.stdout.splitlines()[-1].split()
+    return started, tunables, int(huge)
+
+
+def test_the_cli_reexecutes_itself_with_huge_pages_for_xla_buffers():
+    from r1jax.hugepages import glibc_version, transparent_huge_pages_mode
+
+    if (glibc_version() or (0, 0)) < (2, 35) or transparent_huge_pages_mode() not in ("always", "madvise"):
+        pytest.skip("needs glibc ≥ 2.35 (Linux) and transparent huge pages")
+    started, tunables, huge = _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+    assert len(started) == 2 and started[0] == started[1]  # the same process, its program run again
+    assert tunables == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"  # the user's tunables kept
+    assert huge >= 48 << 10  # most of the 64 MiB block on 2 MiB pages
+    started, tunables, huge = _probe(R1JAX_HUGE_PAGES="0")
+    assert len(started) == 1 and tunables == "None"
+    if transparent_huge_pages_mode() == "madvise":  # nothing asked for huge pages
+        assert huge < 8 << 10
+
+
+@pytest.mark.parametrize("environ, glibc, thp, accelerator, expected", [
+    ({}, (2, 36), "madvise", False, "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 36), "always", False,
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ({"JAX_PLATFORMS": "cpu"}, (2, 39), "madvise", True, "glibc.malloc.hugetlb=1"),  # CPU asked for
+    ({}, (2, 36), "madvise", True, None),  # JAX will take the TPU / GPU
+    ({"JAX_PLATFORMS": "tpu"}, (2, 36), "madvise", False, None),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise", False, None),  # the user's choice stands
+    ({"R1JAX_HUGE_PAGES": "0"}, (2, 36), "madvise", False, None),
+    ({}, (2, 34), "madvise", False, None),  # no hugetlb tunable before glibc 2.35
+    ({}, None, "madvise", False, None),  # another C library
+    ({}, (2, 36), "never", False, None),
+    ({}, (2, 36), None, False, None),
+])
+def test_when_huge_pages_apply(environ, glibc, thp, accelerator, expected):
+    from r1jax.hugepages import huge_pages_environment
+
+    env = huge_pages_environment({"PATH": "/bin", **environ}, glibc, thp, accelerator)
+    if expected is None:
+        assert env is None
+    else:
+        assert env == {"PATH": "/bin", **environ, "GLIBC_TUNABLES": expected}
