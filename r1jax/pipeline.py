@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from r1jax.data import benchmarks, synthetic
@@ -83,14 +83,41 @@ def _json_value(x):
     raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser (uint32 in, uint32 out, wrapping arithmetic)."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _checksums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two uint32 scalars: sums over x's bit patterns, each element weighted by odd multipliers drawn
+    from its index. Sums modulo 2³² are exact and order-free, so the result does not depend on how x
+    is sharded and no process needs x whole; a change of any one element changes both sums."""
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32))
+    bits = bits.astype(jnp.uint32)  # (8-byte elements: two words each, in a trailing dimension)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    for dim, size in enumerate(bits.shape):
+        index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim)
+    weights = [_fmix32(index ^ jnp.uint32(seed)) | jnp.uint32(1) for seed in (0x9E3779B9, 0x7F4A7C15)]
+    return tuple(jnp.sum(bits * w, dtype=jnp.uint32) for w in weights)
+
+
+_tree_checksums = jax.jit(lambda leaves: [_checksums(x) for x in leaves])
+
+
 def param_hash(params: nnx.State) -> str:
-    """sha256 over every parameter's path, dtype, shape and bytes. Several processes: all must call it
-    (arrays spread over their devices are gathered whole)."""
+    """sha256 over every parameter's path, dtype, shape and content checksums (`_checksums`, computed
+    where the parameter lives: the same hash whatever the mesh). Several processes: all must call it."""
+    leaves = sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0]))
+    if any(leaf.size >= 2**32 for _, leaf in leaves):
+        raise ValueError("param_hash indexes elements with uint32: a parameter has ≥ 2³² elements")
+    sums = _tree_checksums([leaf for _, leaf in leaves])
     h = hashlib.sha256()
-    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0])):
-        arr = np.asarray(leaf if leaf.is_fully_addressable else multihost_utils.process_allgather(leaf, tiled=True))
-        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
-        h.update(arr.tobytes())
+    for (path, leaf), pair in zip(leaves, sums, strict=True):
+        h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|".encode())
+        for s in pair:  # scalars, so replicated: every process holds them
+            h.update(np.asarray(s.addressable_data(0)).tobytes())
     return h.hexdigest()
 
 

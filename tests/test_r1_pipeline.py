@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,3 +245,52 @@ def test_every_grpo_section_schedules_optimizer_updates_not_steps():
     c = r1zero.get_config()
     c.rl.update(dict(num_iterations=2, num_minibatches=2))
     assert rl_config(c, 0, 0).optim.total_steps == 4 * c.rl.steps
+
+
+def _numpy_checksums(x: np.ndarray) -> np.ndarray:
+    """pipeline._checksums in NumPy (uint64 arithmetic, reduced mod 2³² by hand)."""
+    bits = x.view({1: np.uint8, 2: np.uint16}.get(x.dtype.itemsize, np.uint32)).astype(np.uint64).reshape(-1)
+    index = np.arange(bits.size, dtype=np.uint64)
+    out = []
+    for seed in (0x9E3779B9, 0x7F4A7C15):
+        h = index ^ seed
+        h = ((h ^ (h >> 16)) * 0x85EBCA6B) % 2**32
+        h = ((h ^ (h >> 13)) * 0xC2B2AE35) % 2**32
+        h = (h ^ (h >> 16)) | 1
+        out.append(int(np.sum((bits * h) % 2**32) % 2**32))
+    return np.asarray(out, np.uint32)
+
+
+def test_param_hash_is_the_same_on_every_mesh_and_sees_every_element():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from r1jax.model import get_preset, init_model
+    from r1jax.model.build import shard_model
+    from r1jax.pipeline import _tree_checksums, param_hash
+    from r1jax.sharding import make_mesh
+
+    model = init_model(get_preset("tiny-qwen2"), seed=0)
+    state = nnx.state(model)
+    digest = param_hash(state)
+    for shape in [(2, 2, 2), (1, 8, 1), (1, 2, 4)]:  # parameters split over 8 devices three ways, no gather
+        sharded = nnx.state(shard_model(model, make_mesh(*shape)))
+        assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded))
+        assert param_hash(sharded) == digest, shape
+    # the checksums equal a NumPy recomputation, for fp32 and bf16
+    leaves = [np.asarray(x) for x in jax.tree.leaves(state)][:3]
+    arrays = [*leaves, leaves[0].astype(jnp.bfloat16)]
+    for x, pair in zip(arrays, _tree_checksums([jnp.asarray(a) for a in arrays]), strict=True):
+        np.testing.assert_array_equal(np.asarray(pair, np.uint32), _numpy_checksums(x))
+    # one element one ulp away, or two elements swapped: another hash
+    leaf = state["layers"][0]["mlp"]["up"]
+    value = np.asarray(leaf[...])
+    nudged, swapped = value.copy(), value.copy()
+    nudged[3, 5] = np.nextafter(nudged[3, 5], np.float32(np.inf))
+    swapped[[0, 1]] = swapped[[1, 0]]
+    for changed in (nudged, swapped):
+        leaf[...] = jnp.asarray(changed)
+        assert param_hash(state) != digest
+    leaf[...] = jnp.asarray(value)
+    assert param_hash(state) == digest
