@@ -6,8 +6,9 @@ large with `mmap` and unmaps them when they are freed, so the kernel faults in a
 4 KiB page again at the next call: for the bench model's GRPO update (bench/grpo_step.py) 263 MB per
 device, ≈ 130 k page faults and ≈ 15 % of the update's CPU time. With
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc ≥ 2.35) malloc asks the kernel for transparent huge
-pages on those blocks (`madvise`), 2 MiB per fault: ≈ 8 k faults, GRPO steps 5–8 % faster
-(bench/RESULTS.md). glibc reads its tunables once, when the process starts, hence the re-exec.
+pages on those blocks (`madvise`), 2 MiB per fault: 8–15 k faults and 9–19 % less CPU time per
+update; the README demo's CPU time drops 9–13 % (bench/RESULTS.md, "GRPO step"). glibc reads its
+tunables once, when the process starts, hence the re-exec.
 
 Left alone: a GLIBC_TUNABLES that already sets `glibc.malloc.hugetlb` (the user's choice stands),
 `R1JAX_HUGE_PAGES=0`, hosts where JAX will not run on the CPU (JAX_PLATFORMS without `cpu`, or, with
