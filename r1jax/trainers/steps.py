@@ -193,7 +193,7 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, objectiv
         loss, grads, metrics = accumulate_gradients(graphdef, params, batch, objective, micro_batches, group_size)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
         return params, opt_state, metrics
 
     out_shardings = None if state_shardings is None else (*state_shardings, None)
