@@ -417,7 +417,7 @@ def test_the_cli_reexecutes_itself_with_huge_pages_for_xla_buffers():
     started, tunables, huge = _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=4")
     assert len(started) == 2 and started[0] == started[1]  # the same process, its program run again
     assert tunables == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"  # the user's tunables kept
-    assert huge >= 48 << 10  # most of the 64 MiB block on 2 MiB pages
+    assert huge >= 32 << 10  # the 64 MiB block (mostly) on 2 MiB pages
     started, tunables, huge = _probe(R1JAX_HUGE_PAGES="0")
     assert len(started) == 1 and tunables == "None"
     if transparent_huge_pages_mode() == "madvise":  # nothing asked for huge pages
