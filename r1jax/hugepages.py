@@ -11,8 +11,8 @@ update; the README demo's CPU time drops 9–13 % (bench/RESULTS.md, "GRPO step"
 tunables once, when the process starts, hence the re-exec.
 
 Left alone: a GLIBC_TUNABLES that already sets `glibc.malloc.hugetlb` (the user's choice stands),
-`R1JAX_HUGE_PAGES=0`, hosts where JAX will not run on the CPU (JAX_PLATFORMS without `cpu`, or, with
-it unset, a TPU or GPU device node present: the gain was measured on CPU only), other C libraries
+`R1JAX_HUGE_PAGES=0`, hosts where JAX will not run on the CPU (JAX_PLATFORMS not starting with `cpu`,
+or, with it unset, a TPU or GPU device node present: the gain was measured on CPU only), other C libraries
 (and so other systems than Linux) or glibc < 2.35, and kernels with transparent huge pages off.
 """
 
@@ -59,7 +59,7 @@ def huge_pages_environment(environ: Mapping[str, str], glibc: tuple[int, int] | 
     leave the process as it is (module docstring: when)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
     platforms = environ.get("JAX_PLATFORMS", "")
-    on_cpu = "cpu" in platforms if platforms else not accelerator
+    on_cpu = platforms.split(",")[0].strip() == "cpu" if platforms else not accelerator  # the first one JAX takes
     if (TUNABLE in tunables or environ.get("R1JAX_HUGE_PAGES") == "0" or not on_cpu
             or glibc is None or glibc < (2, 35)
             or thp_mode not in ("always", "madvise")):

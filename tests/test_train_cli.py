@@ -431,6 +431,7 @@ def test_the_cli_reexecutes_itself_with_huge_pages_for_xla_buffers():
     ({"JAX_PLATFORMS": "cpu"}, (2, 39), "madvise", True, "glibc.malloc.hugetlb=1"),  # CPU asked for
     ({}, (2, 36), "madvise", True, None),  # JAX will take the TPU / GPU
     ({"JAX_PLATFORMS": "tpu"}, (2, 36), "madvise", False, None),
+    ({"JAX_PLATFORMS": "cuda,cpu"}, (2, 36), "madvise", True, None),  # CPU only as the fallback
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise", False, None),  # the user's choice stands
     ({"R1JAX_HUGE_PAGES": "0"}, (2, 36), "madvise", False, None),
     ({}, (2, 34), "madvise", False, None),  # no hugetlb tunable before glibc 2.35
