@@ -103,7 +103,7 @@ def _checksums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return tuple(jnp.sum(bits * w, dtype=jnp.uint32) for w in weights)
 
 
-_tree_checksums = jax.jit(lambda leaves: [_checksums(x) for x in leaves])
+_leaf_checksums = jax.jit(_checksums)  # per leaf: one compilation per distinct shape, shared by the layers
 
 
 def param_hash(params: nnx.State) -> str:
@@ -112,7 +112,7 @@ def param_hash(params: nnx.State) -> str:
     leaves = sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0]))
     if any(leaf.size >= 2**32 for _, leaf in leaves):
         raise ValueError("param_hash indexes elements with uint32: a parameter has ≥ 2³² elements")
-    sums = _tree_checksums([leaf for _, leaf in leaves])
+    sums = [_leaf_checksums(leaf) for _, leaf in leaves]
     h = hashlib.sha256()
     for (path, leaf), pair in zip(leaves, sums, strict=True):
         h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|".encode())

@@ -268,21 +268,21 @@ def test_param_hash_is_the_same_on_every_mesh_and_sees_every_element():
 
     from r1jax.model import get_preset, init_model
     from r1jax.model.build import shard_model
-    from r1jax.pipeline import _tree_checksums, param_hash
+    from r1jax.pipeline import _leaf_checksums, param_hash
     from r1jax.sharding import make_mesh
 
-    model = init_model(get_preset("tiny-qwen2"), seed=0)
+    model = init_model(get_preset("tiny-qwen2", num_layers=1), seed=0)
     state = nnx.state(model)
     digest = param_hash(state)
-    for shape in [(2, 2, 2), (1, 8, 1), (1, 2, 4)]:  # parameters split over 8 devices three ways, no gather
+    for shape in [(2, 2, 2), (1, 8, 1)]:  # parameters split over 8 devices two ways, no gather
         sharded = nnx.state(shard_model(model, make_mesh(*shape)))
         assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded))
         assert param_hash(sharded) == digest, shape
     # the checksums equal a NumPy recomputation, for fp32 and bf16
     leaves = [np.asarray(x) for x in jax.tree.leaves(state)][:3]
     arrays = [*leaves, leaves[0].astype(jnp.bfloat16)]
-    for x, pair in zip(arrays, _tree_checksums([jnp.asarray(a) for a in arrays]), strict=True):
-        np.testing.assert_array_equal(np.asarray(pair, np.uint32), _numpy_checksums(x))
+    for x in arrays:
+        np.testing.assert_array_equal(np.asarray(_leaf_checksums(jnp.asarray(x)), np.uint32), _numpy_checksums(x))
     # one element one ulp away, or two elements swapped: another hash
     leaf = state["layers"][0]["mlp"]["up"]
     value = np.asarray(leaf[...])
