@@ -520,5 +520,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
 if __name__ == "__main__":
     from r1jax.hugepages import reexec_with_huge_pages
 
-    reexec_with_huge_pages()  # on CPU: huge pages for XLA's buffers
+    reexec_with_huge_pages()  # with R1JAX_HUGE_PAGES=1 (r1jax/hugepages.py)
     main()

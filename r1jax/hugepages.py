@@ -1,5 +1,5 @@
-"""Huge pages for XLA:CPU's buffers: the CLIs (`python -m r1jax.train`, `python -m r1jax.evaluate`)
-re-execute themselves with glibc's hugetlb tunable.
+"""Huge pages for XLA:CPU's buffers, opt-in: with `R1JAX_HUGE_PAGES=1` the CLIs (`python -m r1jax.train`,
+`python -m r1jax.evaluate`) re-execute themselves with glibc's hugetlb tunable.
 
 XLA:CPU allocates an executable's temporary buffers afresh on every call. glibc serves blocks that
 large with `mmap` and unmaps them when they are freed, so the kernel faults in and zeroes every
@@ -10,8 +10,12 @@ pages on those blocks (`madvise`), 2 MiB per fault: 8–15 k faults and 9–19 %
 update; the README demo's CPU time drops 9–13 % (bench/RESULTS.md, "GRPO step"). glibc reads its
 tunables once, when the process starts, hence the re-exec.
 
-Left alone: a GLIBC_TUNABLES that already sets `glibc.malloc.hugetlb` (the user's choice stands),
-`R1JAX_HUGE_PAGES=0`, hosts where JAX will not run on the CPU (JAX_PLATFORMS not starting with `cpu`,
+Opt-in, because on the development VM (a Firecracker guest) the runs with huge pages saw more host
+steal time (mean 12 % against 5 % over 8 alternating pairs), which ate the gain in wall time: freed
+2 MiB pages are likely handed back to the host and faulted in there again. Not measured elsewhere.
+
+Left alone even when asked: a GLIBC_TUNABLES that already sets `glibc.malloc.hugetlb` (the user's
+choice stands), hosts where JAX will not run on the CPU (JAX_PLATFORMS not starting with `cpu`,
 or, with it unset, a TPU or GPU device node present: the gain was measured on CPU only), other C libraries
 (and so other systems than Linux) or glibc < 2.35, and kernels with transparent huge pages off.
 """
@@ -60,7 +64,7 @@ def huge_pages_environment(environ: Mapping[str, str], glibc: tuple[int, int] | 
     tunables = environ.get("GLIBC_TUNABLES", "")
     platforms = environ.get("JAX_PLATFORMS", "")
     on_cpu = platforms.split(",")[0].strip() == "cpu" if platforms else not accelerator  # the first one JAX takes
-    if (TUNABLE in tunables or environ.get("R1JAX_HUGE_PAGES") == "0" or not on_cpu
+    if (environ.get("R1JAX_HUGE_PAGES") != "1" or TUNABLE in tunables or not on_cpu
             or glibc is None or glibc < (2, 35)
             or thp_mode not in ("always", "madvise")):
         return None

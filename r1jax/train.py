@@ -141,5 +141,5 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # on CPU: huge pages for XLA's buffers (r1jax/hugepages.py)
+    reexec_with_huge_pages()  # with R1JAX_HUGE_PAGES=1 (r1jax/hugepages.py)
     run()

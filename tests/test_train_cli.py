@@ -409,16 +409,16 @@ def _probe(**env):
     return started, tunables, int(huge)
 
 
-def test_the_cli_reexecutes_itself_with_huge_pages_for_xla_buffers():
+def test_the_cli_reexecutes_itself_with_huge_pages_for_xla_buffers_when_asked():
     from r1jax.hugepages import glibc_version, transparent_huge_pages_mode
 
     if (glibc_version() or (0, 0)) < (2, 35) or transparent_huge_pages_mode() not in ("always", "madvise"):
         pytest.skip("needs glibc ≥ 2.35 (Linux) and transparent huge pages")
-    started, tunables, huge = _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+    started, tunables, huge = _probe(R1JAX_HUGE_PAGES="1", GLIBC_TUNABLES="glibc.malloc.arena_max=4")
     assert len(started) == 2 and started[0] == started[1]  # the same process, its program run again
     assert tunables == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"  # the user's tunables kept
     assert huge >= 32 << 10  # the 64 MiB block (mostly) on 2 MiB pages
-    started, tunables, huge = _probe(R1JAX_HUGE_PAGES="0")
+    started, tunables, huge = _probe()  # not asked for
     assert len(started) == 1 and tunables == "None"
     if transparent_huge_pages_mode() == "madvise":  # nothing asked for huge pages
         assert huge < 8 << 10
@@ -433,7 +433,7 @@ def test_the_cli_reexecutes_itself_with_huge_pages_for_xla_buffers():
     ({"JAX_PLATFORMS": "tpu"}, (2, 36), "madvise", False, None),
     ({"JAX_PLATFORMS": "cuda,cpu"}, (2, 36), "madvise", True, None),  # CPU only as the fallback
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise", False, None),  # the user's choice stands
-    ({"R1JAX_HUGE_PAGES": "0"}, (2, 36), "madvise", False, None),
+    ({"R1JAX_HUGE_PAGES": "0"}, (2, 36), "madvise", False, None),  # not asked for (nor when unset, below)
     ({}, (2, 34), "madvise", False, None),  # no hugetlb tunable before glibc 2.35
     ({}, None, "madvise", False, None),  # another C library
     ({}, (2, 36), "never", False, None),
@@ -442,8 +442,11 @@ def test_the_cli_reexecutes_itself_with_huge_pages_for_xla_buffers():
 def test_when_huge_pages_apply(environ, glibc, thp, accelerator, expected):
     from r1jax.hugepages import huge_pages_environment
 
-    env = huge_pages_environment({"PATH": "/bin", **environ}, glibc, thp, accelerator)
+    asked = {"PATH": "/bin", "R1JAX_HUGE_PAGES": "1", **environ}
+    env = huge_pages_environment(asked, glibc, thp, accelerator)
     if expected is None:
         assert env is None
     else:
-        assert env == {"PATH": "/bin", **environ, "GLIBC_TUNABLES": expected}
+        assert env == {**asked, "GLIBC_TUNABLES": expected}
+        assert huge_pages_environment({k: v for k, v in asked.items() if k != "R1JAX_HUGE_PAGES"}, glibc, thp,
+                                      accelerator) is None  # off unless asked for
