@@ -14,7 +14,8 @@ Random weights (the numbers depend on shapes only), bf16 compute.
   fp32 parameters and AdamW state, bf16 compute; median of 5 steps after the compiling one.
   MFU = model FLOPs / step time / the chip's dense bf16 peak; model FLOPs = 3 × forward, where the
   forward counts 2 × matmul parameters per token, causal attention over each token's own context,
-  and the LM head only where a log-prob is taken (the N completion tokens).
+  and the LM head only where a log-prob is taken (the N completion tokens). Attention runs block by
+  block past the preset's `attention_block` queries (`--attention-block 0`: one-shot, as in session 3).
 
     python -m bench.accelerator                                  # qwen2.5-0.5b: decode P=1, 64; train
     python -m bench.accelerator --preset qwen2.5-1.5b --skip-train
@@ -134,6 +135,7 @@ def bench_train(cfg, rows: int, prompt: int, completion: int, peak: float | None
     seconds = median_seconds(step, 5)
     flops = 3 * forward_flops(cfg, 0, np.full(rows, prompt + completion), logits=completion)  # fwd + bwd
     out = {"rows": rows, "prompt": prompt, "completion": completion, "remat": cfg.remat,
+           "attention_block": cfg.attention_block,
            "init_seconds": init_seconds, "compile_seconds": compile_seconds, "seconds": seconds,
            "tokens_per_s": rows * (prompt + completion) / seconds, "tflops_per_s": flops / seconds / 1e12}
     if peak:
@@ -153,6 +155,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--train", nargs="+", default=["16x128x896:none"],
                         help="ROWSxPROMPTxCOMPLETION:REMAT configurations of the update step")
+    parser.add_argument("--attention-block", type=int, default=None,
+                        help="model.attention_block of the update step (default: the preset's; 0: one-shot attention)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args()
@@ -175,6 +179,8 @@ def main():
         shape, remat = spec.split(":")
         rows, prompt, completion = (int(x) for x in shape.split("x"))
         train_cfg = get_preset(args.preset, param_dtype="float32", dtype="bfloat16", remat=remat)
+        if args.attention_block is not None:
+            train_cfg = train_cfg.replace(attention_block=args.attention_block)
         try:
             report("train", bench_train(train_cfg, rows, prompt, completion, peak))
         except Exception as e:  # noqa: BLE001 — an out-of-memory configuration is reported, the next one runs

@@ -66,6 +66,7 @@ def get_config() -> ConfigDict:
         hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
         max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=True,
         dtype="float32", param_dtype="float32", remat="none",
+        attention_block=256,  # longer query runs attend block by block (memory O(block²) per head)
     ))
     # `\boxed{` as one piece: the R1-format summary ("The answer is \boxed{12}.") never occurs in the base
     # corpus, and spelled out in byte pieces it is hard for a tiny model to learn in a short cold start.

@@ -56,6 +56,7 @@ def get_config() -> ConfigDict:
         preset="", vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0, intermediate_size=0,
         max_position_embeddings=0, rope_theta=0.0, tie_word_embeddings=False,
         dtype="bfloat16", param_dtype="float32", remat="dots",
+        attention_block=256,  # longer query runs attend block by block (memory O(block²) per head)
     ))
     c.tokenizer = ConfigDict(dict(path="", vocab_size=0))  # the HF folder's tokenizer
     c.data.update(dict(train="/data/math_train.jsonl", eval="math500", data_dir="/data", train_size=0, eval_size=0,

@@ -26,6 +26,7 @@ def get_config() -> ConfigDict:
         hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
         max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True,
         dtype="float32", param_dtype="float32", remat="none",
+        attention_block=256,  # longer query runs attend block by block (memory O(block²) per head)
     ))
     c.tokenizer = ConfigDict(dict(
         path="",  # an HF tokenizer folder; empty: HF model folder, else a sentencepiece model trained on the corpus

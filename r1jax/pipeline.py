@@ -187,10 +187,15 @@ class RunContext:
                                       spec=self.task_spec)
         return benchmarks.load_benchmark(spec, limit=size or None, data_dir=d.data_dir or None)
 
+    def runtime_model_fields(self) -> dict[str, Any]:
+        """The model fields a run chooses (precision, remat, attention blocks), whatever the weights' source."""
+        m = self.config.model
+        return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_block=m.attention_block)
+
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The model the config describes; `vocab_size` stands in for the tokenizer's when model.vocab_size=0."""
         m = self.config.model
-        runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        runtime = self.runtime_model_fields()
         if m.preset:
             return get_preset(m.preset, **runtime)
         return ModelConfig(
@@ -203,7 +208,7 @@ class RunContext:
     def initial_model(self) -> nnx.Module:
         m = self.config.model
         if m.hf_path:
-            return load_hf(m.hf_path, mesh=self.mesh, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+            return load_hf(m.hf_path, mesh=self.mesh, **self.runtime_model_fields())
         return init_model(self.model_config(), seed=self.config.seed, mesh=self.mesh)
 
     def model_from(self, checkpoint: Path) -> nnx.Module:
@@ -215,8 +220,7 @@ class RunContext:
         if self.config.model.hf_path:
             from r1jax.model.hf import read_config
 
-            m = self.config.model
-            return read_config(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+            return read_config(self.config.model.hf_path, **self.runtime_model_fields())
         return self.model_config()
 
 

@@ -46,6 +46,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; log-softmax is always fp32
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs only)
+    # More queries than this in one call (training, scoring, long prefills): blockwise attention with
+    # [block, block] score tiles instead of all [t, s] scores at once (model/attention.py); 0: never.
+    attention_block: int = 256
     architecture: str = "llama"  # "llama" | "qwen2" (q/k/v bias required): the HF class on export
 
     def __post_init__(self):
@@ -65,6 +68,8 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+        if self.attention_block < 0:
+            raise ValueError(f"model.attention_block={self.attention_block} must be ≥ 0 (0: one-shot attention)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}; accepted: {REMAT_POLICIES}")
         if self.architecture not in HF_ARCHITECTURES.values():

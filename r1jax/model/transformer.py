@@ -9,7 +9,8 @@ Design choices:
 * One attention path serves training and sampling: keys live in `KVCache` slots; a query at
   slot q sees slot s iff s ≤ q and slot s holds a real token (`valid`). Token positions (for
   RoPE) are per row, so left- or right-padded prompts need no special casing. Without a cache
-  the slots are the sequence itself.
+  the slots are the sequence itself. Past `attention_block` queries, attention runs block by
+  block (`model/attention.py`), so long rows never hold all their [t, s] scores.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from r1jax.model.attention import attention
 from r1jax.model.config import ModelConfig
 from r1jax.sharding import constrain
-
-_MASKED = -1e30  # finite, so a fully masked (padding) query row gives no NaN
 
 
 class KVCache(NamedTuple):
@@ -172,16 +172,9 @@ class Attention(nnx.Module):
             values = constrain(jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0)), _V_AXES)
             key_valid = cache_valid
             q_slot = index + jnp.arange(t)
-        s = keys.shape[3]
-        mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # [b, t, s]
-
         g, r = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(b, t, g, r, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # [b, g, r, t, k]
-        scores = jnp.einsum("bgrtk,bgks->bgrts", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim)
-        scores = jnp.where(mask[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bgrts,bgsk->bgrtk", probs, values.astype(q.dtype))
+        out = attention(qg, keys.astype(q.dtype), values.astype(q.dtype), q_slot, key_valid, block=cfg.attention_block)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, -1)
         y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(q.dtype))
         if cfg.out_bias:
