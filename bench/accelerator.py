@@ -15,7 +15,9 @@ Random weights (the numbers depend on shapes only), bf16 compute.
   MFU = model FLOPs / step time / the chip's dense bf16 peak; model FLOPs = 3 × forward, where the
   forward counts 2 × matmul parameters per token, causal attention over each token's own context,
   and the LM head only where a log-prob is taken (the N completion tokens). Attention runs block by
-  block past the preset's `attention_block` queries (`--attention-block 0`: one-shot, as in session 3).
+  block past the preset's `attention_block` queries (`--attention-block 0`: one-shot, as in session 3),
+  and the log-softmax over the vocabulary in chunks of `--logit-chunk` completion tokens (the trainer's
+  default; session 3 took the whole completion at once).
 
     python -m bench.accelerator                                  # qwen2.5-0.5b: decode P=1, 64; train
     python -m bench.accelerator --preset qwen2.5-1.5b --skip-train
@@ -36,7 +38,7 @@ from r1jax.metrics import peak_flops_per_device
 from r1jax.model import abstract_model, get_preset
 from r1jax.sampling import SamplingConfig, decode_phases, generate
 from r1jax.trainers.optim import OptimConfig, make_optimizer
-from r1jax.trainers.rl import forward_flops
+from r1jax.trainers.rl import RLConfig, forward_flops
 from r1jax.trainers.steps import grpo_objective, init_train_state
 
 PROMPT_TOKENS = 16
@@ -106,12 +108,12 @@ def bench_decode(cfg, batch: int, new_tokens: int, bandwidths: dict[str, float])
     return out
 
 
-def bench_train(cfg, rows: int, prompt: int, completion: int, peak: float | None) -> dict[str, float]:
+def bench_train(cfg, rows: int, prompt: int, completion: int, chunk: int, peak: float | None) -> dict[str, float]:
     start = time.perf_counter()
     graphdef, params = random_model(cfg)
     loss = GRPOConfig.preset("grpo", group_size=8, beta=0.04)
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-6, max_grad_norm=1.0))
-    objective = grpo_objective(loss, temperature=1.0, chunk_size=completion)
+    objective = grpo_objective(loss, temperature=1.0, chunk_size=chunk)
     params, opt_state, update = init_train_state(graphdef, params, optimizer, objective, 1, None)
     init_seconds = time.perf_counter() - start
     rng = np.random.default_rng(0)
@@ -135,7 +137,7 @@ def bench_train(cfg, rows: int, prompt: int, completion: int, peak: float | None
     seconds = median_seconds(step, 5)
     flops = 3 * forward_flops(cfg, 0, np.full(rows, prompt + completion), logits=completion)  # fwd + bwd
     out = {"rows": rows, "prompt": prompt, "completion": completion, "remat": cfg.remat,
-           "attention_block": cfg.attention_block,
+           "attention_block": cfg.attention_block, "logit_chunk": min(chunk, completion),
            "init_seconds": init_seconds, "compile_seconds": compile_seconds, "seconds": seconds,
            "tokens_per_s": rows * (prompt + completion) / seconds, "tflops_per_s": flops / seconds / 1e12}
     if peak:
@@ -157,6 +159,8 @@ def main():
                         help="ROWSxPROMPTxCOMPLETION:REMAT configurations of the update step")
     parser.add_argument("--attention-block", type=int, default=None,
                         help="model.attention_block of the update step (default: the preset's; 0: one-shot attention)")
+    parser.add_argument("--logit-chunk", type=int, default=RLConfig.chunk_size,
+                        help="completion tokens per log-softmax chunk (rl.chunk_size; session 3: the whole completion)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args()
@@ -182,7 +186,7 @@ def main():
         if args.attention_block is not None:
             train_cfg = train_cfg.replace(attention_block=args.attention_block)
         try:
-            report("train", bench_train(train_cfg, rows, prompt, completion, peak))
+            report("train", bench_train(train_cfg, rows, prompt, completion, args.logit_chunk, peak))
         except Exception as e:  # noqa: BLE001 — an out-of-memory configuration is reported, the next one runs
             print(f"train {spec}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 

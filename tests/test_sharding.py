@@ -176,3 +176,5 @@ def test_config_validation_names_the_field():
         CFG.replace(num_heads=6)
     with pytest.raises(ValueError, match="model.remat='some'"):
         CFG.replace(remat="some")
+    with pytest.raises(ValueError, match="model.attention_block=-1 must be ≥ 0"):
+        CFG.replace(attention_block=-1)
