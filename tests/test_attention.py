@@ -128,6 +128,25 @@ def test_model_log_probs_and_gradients_equal_with_and_without_blocks(prompt_run)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(np.asarray(b)).max())
 
 
+def test_in_bf16_blockwise_is_as_close_to_fp32_as_one_shot():
+    """bf16 compute (the TPU/GPU setting) rounds both forms: each is compared with the fp32 model."""
+    cfg = get_preset("tiny-qwen2", attention_block=0)
+    batch = grpo_rows(cfg)
+    weights = jnp.asarray(np.random.default_rng(2).standard_normal(batch["mask"].shape), jnp.float32)
+    params = host_params(cfg)
+    logp32, grads32 = log_probs_and_gradients(cfg, params, batch, weights, 3)
+    norm = np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in grads32))
+    errors = {}
+    for block in (0, 8):
+        logp, grads = log_probs_and_gradients(cfg.replace(attention_block=block, dtype="bfloat16"), params, batch,
+                                              weights, 3)
+        grad_err = np.sqrt(sum(np.sum((np.asarray(a, np.float32) - np.asarray(b)) ** 2)
+                               for a, b in zip(grads, grads32, strict=True))) / norm
+        errors[block] = (np.mean(np.abs(logp - logp32)), grad_err)
+    assert 0 < errors[0][0] < 1e-3 and 0 < errors[0][1] < 2e-2, errors  # bf16 really rounds, and not wildly
+    assert errors[8][0] < 1.5 * errors[0][0] and errors[8][1] < 1.5 * errors[0][1], errors
+
+
 def compiled_gradient_temp_bytes(cfg, tokens) -> int:
     graphdef, params = abstract_model(cfg)  # shapes suffice: the program is compiled, not run
     loss = lambda p: jnp.sum(nnx.merge(graphdef, p).hidden_states(tokens)[0])
