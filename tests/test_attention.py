@@ -1,6 +1,8 @@
 """Blockwise attention (model/attention.py): float64 NumPy values, the one-shot form's gradients, whole-model
 log-probs and gradients, 8 fake devices, and the memory it exists to save."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,52 +98,45 @@ def grpo_rows(cfg, prompt_len=12, new_tokens=40, groups=2, group=3, seed=0):
             "tokens": jnp.asarray(np.where(mask, tokens, 0)), "mask": jnp.asarray(mask)}
 
 
-def host_params(cfg, seed=0):
-    """Parameters N(0, 0.1²) drawn on the host (no init program to compile)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), abstract_model(cfg)[1])
+CFG = get_preset("tiny-qwen2", attention_block=0)
+BATCH = grpo_rows(CFG)
+WEIGHTS = jnp.asarray(np.random.default_rng(2).standard_normal(BATCH["mask"].shape), jnp.float32)
 
 
-def log_probs_and_gradients(cfg, params, batch, weights, prompt_run):
-    graphdef = abstract_model(cfg)[0]
+@functools.cache
+def log_probs_and_gradients(prompt_run: int, attention_block: int = 0, dtype: str = "float32"):
+    """tiny-qwen2's GRPO log-probs of BATCH's completion tokens and the gradients of a weighted sum of them."""
+    graphdef, abstract = abstract_model(CFG.replace(attention_block=attention_block, dtype=dtype))
+    rng = np.random.default_rng(0)  # the same parameters for every variant, drawn on the host: no init program
+    params = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), abstract)
 
     def f(params):
-        logp = completion_logprobs(nnx.merge(graphdef, params), batch, prompt_run=prompt_run, chunk_size=16)
-        return jnp.sum(jnp.where(batch["mask"], weights * logp, 0.0)), logp
+        logp = completion_logprobs(nnx.merge(graphdef, params), BATCH, prompt_run=prompt_run, chunk_size=16)
+        return jnp.sum(jnp.where(BATCH["mask"], WEIGHTS * logp, 0.0)), logp
 
     (_, logp), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
-    return np.asarray(logp)[np.asarray(batch["mask"])], jax.tree.leaves(grads)
+    return np.asarray(logp)[np.asarray(BATCH["mask"])], [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
 
 
 @pytest.mark.parametrize("prompt_run", [1, 3])
 def test_model_log_probs_and_gradients_equal_with_and_without_blocks(prompt_run):
     """tiny-qwen2 with 8-query blocks against one-shot attention: the GRPO log-probs (one pass per row, or
     each prompt once per group) and their gradients."""
-    cfg = get_preset("tiny-qwen2", attention_block=0)
-    batch = grpo_rows(cfg)
-    weights = jnp.asarray(np.random.default_rng(2).standard_normal(batch["mask"].shape), jnp.float32)
-    params = host_params(cfg)
-    logp0, grads0 = log_probs_and_gradients(cfg, params, batch, weights, prompt_run)
-    logp1, grads1 = log_probs_and_gradients(cfg.replace(attention_block=8), params, batch, weights, prompt_run)
+    logp0, grads0 = log_probs_and_gradients(prompt_run)
+    logp1, grads1 = log_probs_and_gradients(prompt_run, attention_block=8)
     np.testing.assert_allclose(logp1, logp0, rtol=0, atol=1e-5)
     for a, b in zip(grads1, grads0, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(np.asarray(b)).max())
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
 def test_in_bf16_blockwise_is_as_close_to_fp32_as_one_shot():
     """bf16 compute (the TPU/GPU setting) rounds both forms: each is compared with the fp32 model."""
-    cfg = get_preset("tiny-qwen2", attention_block=0)
-    batch = grpo_rows(cfg)
-    weights = jnp.asarray(np.random.default_rng(2).standard_normal(batch["mask"].shape), jnp.float32)
-    params = host_params(cfg)
-    logp32, grads32 = log_probs_and_gradients(cfg, params, batch, weights, 3)
-    norm = np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in grads32))
+    logp32, grads32 = log_probs_and_gradients(3)
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in grads32))
     errors = {}
     for block in (0, 8):
-        logp, grads = log_probs_and_gradients(cfg.replace(attention_block=block, dtype="bfloat16"), params, batch,
-                                              weights, 3)
-        grad_err = np.sqrt(sum(np.sum((np.asarray(a, np.float32) - np.asarray(b)) ** 2)
-                               for a, b in zip(grads, grads32, strict=True))) / norm
+        logp, grads = log_probs_and_gradients(3, attention_block=block, dtype="bfloat16")
+        grad_err = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(grads, grads32, strict=True))) / norm
         errors[block] = (np.mean(np.abs(logp - logp32)), grad_err)
     assert 0 < errors[0][0] < 1e-3 and 0 < errors[0][1] < 2e-2, errors  # bf16 really rounds, and not wildly
     assert errors[8][0] < 1.5 * errors[0][0] and errors[8][1] < 1.5 * errors[0][1], errors
