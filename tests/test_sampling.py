@@ -181,6 +181,17 @@ def test_greedy_through_the_cache_equals_argmax_of_full_forwards(split_model, fu
     assert np.asarray(out.prompt_mask).sum(1).tolist() == [5, 5, 11, 11, 3, 3]
 
 
+def test_blockwise_prefill_gives_the_same_samples_and_log_probs(split_model):
+    """With 4-query attention blocks the prompts' prefill (up to 11 tokens) runs block by block; the
+    decode's single queries do not. Same key: the same tokens, log-probs to rounding."""
+    graphdef, state = split_model
+    blockwise = abstract_model(CFG.replace(attention_block=4))[0]
+    one_shot, blocks = (sample_groups(g, state, PROMPTS, 2, jax.random.key(3), FILTERED) for g in (graphdef, blockwise))
+    np.testing.assert_array_equal(np.asarray(blocks.tokens), np.asarray(one_shot.tokens))
+    for name in ("logprobs", "policy_logprobs"):
+        np.testing.assert_allclose(np.asarray(getattr(blocks, name)), np.asarray(getattr(one_shot, name)), atol=1e-5)
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 20, 0.9), (1.0, 0, 1.0)])
 def test_logprobs_equal_a_full_forward_recompute(split_model, full_logits, temperature, top_k, top_p):
     graphdef, state = split_model
