@@ -58,7 +58,7 @@ def teacher(ctx: RunContext) -> tuple[nnx.Module, Any, str]:
 
     t, c = ctx.config.distill.teacher, ctx.config
     if t.hf_path:
-        model = load_hf(t.hf_path, mesh=ctx.mesh, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+        model = load_hf(t.hf_path, mesh=ctx.mesh, **ctx.runtime_model_fields())
         return model, load_hf_tokenizer(t.tokenizer_path or t.hf_path), t.hf_path
     checkpoint = Path(t.checkpoint) if t.checkpoint else None
     if checkpoint is None:
