@@ -47,16 +47,26 @@ def _pad_to(x, axis: int, size: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
+def _chunked(x, block):
+    """[b, g, r, t, …] → [n, b, g, r, block, …]: t zero-padded to n whole blocks, blocks first (to loop over)."""
+    x = _pad_to(x, 3, -(-x.shape[3] // block) * block)
+    return jnp.moveaxis(x.reshape(*x.shape[:3], -1, block, *x.shape[4:]), 3, 0)
+
+
+def _unchunked(x, t):
+    """[n, b, g, r, block, …] → [b, g, r, t, …], the inverse of `_chunked`."""
+    return jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], -1, *x.shape[5:])[:, :, :, :t]
+
+
 def _tiles(q, keys, values, q_slot, key_valid, block):
-    """Pad queries and keys to whole blocks; queries split into [n, b, g, r, block, k] chunks.
-    Padded queries repeat the last slot (so they see keys and stay finite); padded keys are invalid."""
-    t, s = q.shape[3], keys.shape[3]
-    tq, sk = -(-t // block) * block, -(-s // block) * block
-    q = _pad_to(q, 3, tq)
-    q_slot = jnp.concatenate([q_slot, jnp.full((tq - t,), q_slot[-1], q_slot.dtype)])
+    """Queries in chunks of `block` ([n, b, g, r, block, k], their slots [n, block]) and keys, values and
+    key_valid padded to whole blocks. Padded queries repeat the last slot (so they see keys and stay
+    finite); padded keys are invalid."""
+    qs = _chunked(q, block)
+    q_slot = jnp.concatenate([q_slot, jnp.full((qs.shape[0] * block - q_slot.shape[0],), q_slot[-1], q_slot.dtype)])
+    sk = -(-keys.shape[3] // block) * block
     keys, values, key_valid = _pad_to(keys, 3, sk), _pad_to(values, 2, sk), _pad_to(key_valid, 1, sk, False)
-    chunks = lambda x: jnp.moveaxis(x.reshape(*x.shape[:3], tq // block, block, *x.shape[4:]), 3, 0)
-    return chunks(q), keys, values, q_slot.reshape(tq // block, block), key_valid
+    return qs, keys, values, q_slot.reshape(-1, block), key_valid
 
 
 def _tile_scores(qc, keys, key_valid, slots, j, block):
@@ -80,6 +90,8 @@ def blockwise_attention(q, keys, values, q_slot, key_valid, block: int):
 
 
 def _forward(q, keys, values, q_slot, key_valid, block):
+    """(output, residuals for `_blockwise_bwd`): query chunks one after another, each an online softmax
+    over the key blocks it can see."""
     t = q.shape[3]
     qs, keys_p, values_p, slots, valid_p = _tiles(q, keys, values, q_slot, key_valid, block)
     n_keys = keys_p.shape[3] // block
@@ -107,20 +119,14 @@ def _forward(q, keys, values, q_slot, key_valid, block):
         return (acc / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
 
     out, lse = jax.lax.map(chunk, (qs, slots))  # [n, b, g, r, block, k], [n, b, g, r, block]
-    unchunk = lambda x: jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], -1, *x.shape[5:])[:, :, :, :t]
-    return unchunk(out), (q, keys, values, q_slot, key_valid, unchunk(out), unchunk(lse))
-
-
-def _blockwise_fwd(q, keys, values, q_slot, key_valid, block):
-    return _forward(q, keys, values, q_slot, key_valid, block)
+    out = _unchunked(out, t)
+    return out, (q, keys, values, q_slot, key_valid, out, _unchunked(lse, t))
 
 
 def _blockwise_bwd(block, residuals, d_out):
     q, keys, values, q_slot, key_valid, out, lse = residuals
     t, s = q.shape[3], keys.shape[3]
     qs, keys_p, values_p, slots, valid_p = _tiles(q, keys, values, q_slot, key_valid, block)
-    tq = qs.shape[0] * block
-    chunks = lambda x: jnp.moveaxis(_pad_to(x, 3, tq).reshape(*x.shape[:3], -1, block, *x.shape[4:]), 3, 0)
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # [b, g, r, t]: rowsum(dO ∘ O)
     n_keys = keys_p.shape[3] // block
@@ -150,9 +156,10 @@ def _blockwise_bwd(block, residuals, d_out):
         return (dk, dv), dq
 
     init = (jnp.zeros(keys_p.shape, jnp.float32), jnp.zeros(values_p.shape, jnp.float32))
-    (dk, dv), dqs = jax.lax.scan(chunk, init, (qs, slots, chunks(d_out), chunks(lse), chunks(delta)))
-    dq = jnp.moveaxis(dqs, 0, 3).reshape(*q.shape[:3], -1, q.shape[4])[:, :, :, :t]
-    return dq.astype(q.dtype), dk[..., :s].astype(keys.dtype), dv[:, :, :s].astype(values.dtype), None, None
+    chunked = (qs, slots, _chunked(d_out, block), _chunked(lse, block), _chunked(delta, block))
+    (dk, dv), dq = jax.lax.scan(chunk, init, chunked)
+    dq, dk, dv = _unchunked(dq, t).astype(q.dtype), dk[..., :s].astype(keys.dtype), dv[:, :, :s].astype(values.dtype)
+    return dq, dk, dv, None, None  # no cotangents for the slots and the validity mask
 
 
-blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
+blockwise_attention.defvjp(_forward, _blockwise_bwd)
