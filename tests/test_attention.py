@@ -39,8 +39,8 @@ def case(t, s, index, seed=0, b=2, g=2, r=3, k=8):
     return q, keys, values, index + jnp.arange(t), jnp.asarray(valid), valid[:, index:index + t]
 
 
-# (queries, key slots, first query slot, block): several query and key blocks, ragged last blocks, queries
-# after a prompt (the GRPO completion pass), one query block more than key blocks would need
+# (queries, key slots, first query slot, block): ragged last blocks; queries after a prompt (the GRPO
+# completion pass, and more key blocks than query blocks); whole blocks, no padding
 CASES = [(37, 37, 0, 8), (40, 57, 17, 16), (9, 30, 21, 4), (64, 64, 0, 16)]
 
 
@@ -65,7 +65,7 @@ def test_blockwise_values_equal_float64_and_gradients_equal_one_shot_autodiff(t,
 
 
 def test_blockwise_on_a_2x2x2_mesh_equals_one_device():
-    q, keys, values, q_slot, key_valid, real = case(40, 57, 17, b=4, g=2)
+    q, keys, values, q_slot, key_valid, _ = case(40, 57, 17, b=4, g=2)
     weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
 
     @jax.jit
