@@ -70,8 +70,9 @@ def main():
         with mesh_context(mesh):
             params, opt_state, update = init_train_state(abstract_model(cfg)[0], jax.tree.map(jnp.copy, params0),
                                                          optimizer, objective, 1, mesh, group_size=args.group)
-            temp = update.lower(params, opt_state, batch).compile().memory_analysis().temp_size_in_bytes
-            params, opt_state, metrics = update(params, opt_state, batch)  # compiles
+            update = update.lower(params, opt_state, batch).compile()
+            params, opt_state, metrics = update(params, opt_state, batch)
+        temp = update.memory_analysis().temp_size_in_bytes
         first = {k: float(metrics[k]) for k in ("loss", "grad_norm")}
         runs[block] = {"state": (params, opt_state), "update": update, "temp": temp, "first": first, "times": []}
 
