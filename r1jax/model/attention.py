@@ -138,6 +138,8 @@ def _blockwise_bwd(block, residuals, d_out):
         def step(j, inner):
             def update(inner):
                 dq, dk, dv = inner
+                # (a query with no visible key has lse ≈ MASKED, so p = 1 on its masked slots: its output is
+                # padding, which no loss reads, and the forward's average is not differentiated exactly)
                 p = jnp.exp(_tile_scores(qc, keys_p, valid_p, sc, j, block) - lse_c[..., None])
                 kj = jax.lax.dynamic_slice_in_dim(keys_p, j * block, block, axis=3)
                 vj = jax.lax.dynamic_slice_in_dim(values_p, j * block, block, axis=2)
