@@ -233,9 +233,61 @@ class use_rules:  # noqa: N801 - used as a context manager like jax.set_mesh
         _active_rules.pop()
 
 
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """Constrain an activation by logical names; a no-op outside a mesh (`jax.set_mesh`)."""
+def _active_mesh() -> jax.sharding.AbstractMesh | None:
+    """The `jax.set_mesh` mesh when it splits anything, else None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or all(mesh.shape.get(a, 1) == 1 for a in MESH_AXES):
+        return None
+    return mesh
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation by logical names; a no-op outside a mesh (`jax.set_mesh`)."""
+    mesh = _active_mesh()
+    if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, spec_for(x.shape, logical, mesh, _active_rules[-1]))
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _without(entry, drop: set[str]):
+    kept = tuple(a for a in _entry_axes(entry) if a not in drop)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
+def embedding_lookup(table: jax.Array, tokens: jax.Array, dtype=None) -> jax.Array:
+    """`table[tokens]` for a [vocab, embed] table and [b, t] tokens, cast to `dtype` (default: the
+    table's), laid out as ("batch", "seq", "act_embed").
+
+    On a mesh, XLA's partitioner turns a gather from a table whose columns are split over an axis that
+    also splits the batch (the default table's `fsdp`) into an all-gather of the whole [b, t, d] result
+    ("Involuntary full rematerialization"). Here each device looks its tokens up in its own block of
+    the table instead: tokens gathered over the table's mesh axes (integers, cheap), rows outside the
+    device's vocabulary block zeroed and the blocks summed over the `vocab` axes, and the result — split
+    like the table's columns — moved to the activation layout by one all-to-all.
+    """
+    dtype = table.dtype if dtype is None else dtype
+    mesh = _active_mesh()
+    rules = _active_rules[-1]
+    vocab, embed = (None, None) if mesh is None else spec_for(table.shape, ("vocab", "embed"), mesh, rules)
+    table_axes = set(_entry_axes(vocab) + _entry_axes(embed))
+    if not table_axes:
+        return constrain(jnp.take(table, tokens, axis=0).astype(dtype), ("batch", "seq", "act_embed"))
+    vocab_axes = _entry_axes(vocab)
+    batch, seq = (_without(e, table_axes) for e in spec_for(tokens.shape, ("batch", "seq"), mesh, rules))
+
+    def local(block, ids):
+        if not vocab_axes:
+            return jnp.take(block, ids, axis=0).astype(dtype)
+        rows = block.shape[0]
+        ids = ids - jax.lax.axis_index(vocab_axes) * rows
+        inside = (ids >= 0) & (ids < rows)
+        x = jnp.take(block, jnp.clip(ids, 0, rows - 1), axis=0).astype(dtype)
+        return jax.lax.psum(jnp.where(inside[..., None], x, 0), vocab_axes)
+
+    x = jax.shard_map(local, in_specs=(PartitionSpec(vocab, embed), PartitionSpec(batch, seq)),
+                      out_specs=PartitionSpec(batch, seq, embed))(table, tokens)
+    return constrain(x, ("batch", "seq", "act_embed"))

@@ -11,7 +11,14 @@ from jax.sharding import PartitionSpec as P
 
 from r1jax.model import ModelConfig, get_preset, init_model, load_hf, logical_axes, save_hf, shard_model
 from r1jax.model.config import from_hf_config
-from r1jax.sharding import ShardingRules, make_mesh, optimizer_state_sharding, spec_for
+from r1jax.sharding import (
+    ShardingRules,
+    embedding_lookup,
+    make_mesh,
+    optimizer_state_sharding,
+    spec_for,
+    use_rules,
+)
 
 # heads 8 / kv 4 / mlp 128 / vocab 128 / embed 64: every sharded dim divides every mesh below.
 CFG = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, intermediate_size=128,
@@ -73,6 +80,47 @@ def test_sharded_forward_equals_single_device(reference, shape):
         out = forward(state, jax.device_put(x, jax.NamedSharding(mesh, P(("data", "fsdp")))), valid)
     assert out.sharding.spec[0] == spec_for(out.shape, ("batch", "seq", "vocab"), mesh)[0]
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize(("shape", "rules"), [
+    ((2, 2, 2), ShardingRules()),
+    ((1, 2, 4), ShardingRules()),
+    ((1, 8, 1), ShardingRules()),
+    ((8, 1, 1), ShardingRules()),
+    ((2, 2, 2), ShardingRules(vocab="fsdp", embed="tensor")),  # the vocabulary split like the batch
+    ((2, 4, 1), ShardingRules(vocab=None)),
+])
+def test_embedding_lookup_keeps_activations_split(shape, rules):
+    """Values and table gradient against NumPy; the result in the activation layout; and the only
+    all-gather the lookup compiles to is of the integer tokens (XLA's own partitioning of the gather
+    all-gathers the table and the whole [b, t, d] result on these meshes)."""
+    mesh = make_mesh(*shape)
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(256, 64)).astype(np.float32)
+    tokens = rng.integers(0, 256, (16, 12)).astype(np.int32)
+    weight = rng.normal(size=(16, 12, 64))
+
+    def loss(t, ids):
+        return jnp.sum(jnp.sin(embedding_lookup(t, ids)) * weight.astype(np.float32))
+
+    with jax.set_mesh(mesh), use_rules(rules):
+        t = jax.device_put(table, jax.NamedSharding(mesh, spec_for(table.shape, ("vocab", "embed"), mesh, rules)))
+        ids = jax.device_put(tokens, jax.NamedSharding(mesh, spec_for(tokens.shape, ("batch", "seq"), mesh, rules)))
+        looked_up = jax.jit(embedding_lookup)
+        out = looked_up(t, ids)
+        hlo = looked_up.lower(t, ids).compile().as_text()
+        grad = jax.jit(jax.grad(loss))(t, ids)
+        half = jax.jit(embedding_lookup, static_argnums=2)(t, ids, jnp.bfloat16)
+        expected = jax.NamedSharding(mesh, spec_for(out.shape, ("batch", "seq", "act_embed"), mesh, rules))
+    assert out.sharding.is_equivalent_to(expected, out.ndim), (out.sharding.spec, expected.spec)
+    np.testing.assert_array_equal(np.asarray(out), table[tokens])
+    np.testing.assert_array_equal(np.asarray(half), np.asarray(jnp.asarray(table[tokens]).astype(jnp.bfloat16)))
+    gathered = [line.split("=", 1)[1].split()[0] for line in hlo.splitlines()
+                if " all-gather(" in line or " all-gather-start(" in line]
+    assert all(g.startswith("s32[") for g in gathered), gathered
+    expected = np.zeros(table.shape)
+    np.add.at(expected, tokens, np.cos(table[tokens].astype(np.float64)) * weight)
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=0, atol=1e-5)
 
 
 def test_load_hf_places_shards_and_undivisible_dims_replicate(tmp_path):

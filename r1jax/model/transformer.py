@@ -25,7 +25,7 @@ from flax import nnx
 
 from r1jax.model.attention import attention
 from r1jax.model.config import ModelConfig
-from r1jax.sharding import constrain
+from r1jax.sharding import constrain, embedding_lookup
 
 
 class KVCache(NamedTuple):
@@ -278,8 +278,7 @@ class Transformer(nnx.Module):
             valid = jnp.ones(tokens.shape, bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
-        x = constrain(x, ("batch", "seq", "act_embed"))
+        x = embedding_lookup(self.embed[...], tokens, cfg.dtype)
         run = _run_block
         if cfg.remat != "none":
             run = nnx.remat(_run_block, policy=_REMAT[cfg.remat], prevent_cse=True)
