@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from r1jax.model import KVCache, init_cache
+from r1jax.model import init_cache
 from r1jax.model.transformer import rope_frequencies, rope_tables
 from r1jax.sharding import DEFAULT_RULES, constrain, gather_processes, global_rows, host_rows, row_blocks
 
@@ -217,18 +217,6 @@ def _repeat_rows(x: jax.Array, g: int) -> jax.Array:
     return x if g == 1 else jnp.repeat(x, g, axis=0)
 
 
-_K_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")  # keys [B, g, k, S]
-_V_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")  # values [B, g, S, k]
-
-
-def _extend_cache(cache: KVCache, slots: int) -> KVCache:
-    """The cache with empty slots appended up to `slots`."""
-    extra = slots - cache.length
-    keys = tuple(constrain(jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, extra))), _K_AXES) for a in cache.k)
-    values = tuple(constrain(jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0))), _V_AXES) for a in cache.v)
-    return KVCache(keys, values, jnp.pad(cache.valid, ((0, 0), (0, extra))), cache.index)
-
-
 def decode_phases(max_new_tokens: int, first: int | None = None) -> list[int]:
     """Step counts at which the decode cache grows: doubling from `first` up to max_new_tokens.
 
@@ -314,7 +302,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
     carry = (jnp.int32(0), cache, logits, done0, jnp.zeros(b, jnp.int32), out0)
     for end in phases:
         step, cache, *rest = carry
-        carry = (step, _extend_cache(cache, slots + end), *rest)
+        carry = (step, cache.extended(slots + end), *rest)
         stop = end - 1 if end == n_new else end  # token N-1 is drawn below: no forward after it
         carry = jax.lax.while_loop(lambda c, stop=stop: (c[0] < stop) & running(c), body, carry)
     step, _, logits, done, n_tokens, out = carry

@@ -51,6 +51,13 @@ class KVCache(NamedTuple):
         rows = lambda x: jnp.repeat(x, n, axis=0)
         return KVCache(tuple(map(rows, self.k)), tuple(map(rows, self.v)), rows(self.valid), self.index)
 
+    def extended(self, length: int) -> KVCache:
+        """The cache with empty slots appended up to `length` slots."""
+        extra = length - self.length
+        keys = tuple(constrain(jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, extra))), _K_AXES) for a in self.k)
+        values = tuple(constrain(jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0))), _V_AXES) for a in self.v)
+        return KVCache(keys, values, jnp.pad(self.valid, ((0, 0), (0, extra))), self.index)
+
 
 _K_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")
 _V_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")

@@ -90,8 +90,10 @@ def _hidden_with_shared_prompts(model, prompt, prompt_mask, tokens, mask, last_p
     if prompt.shape[0] % run:
         raise ValueError(f"{prompt.shape[0]} rows do not form runs of prompt_run={run}")
     once = lambda x: x.reshape(-1, run, *x.shape[1:])[:, 0]  # the first row of every run
-    cache = init_cache(model.cfg, prompt.shape[0] // run, prompt.shape[1] + tokens.shape[1])
-    h_prompt, cache = model.hidden_states(once(prompt), valid=once(prompt_mask), cache=cache)
+    # The prompts' cache holds their slots only (a pass over it never looks further), then grows.
+    h_prompt, cache = model.hidden_states(once(prompt), valid=once(prompt_mask),
+                                          cache=init_cache(model.cfg, prompt.shape[0] // run, prompt.shape[1]))
+    cache = cache.extended(prompt.shape[1] + tokens.shape[1])
     positions = jnp.maximum(last_prompt[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32), 0)  # as one pass counts
     h_completion, _ = model.hidden_states(tokens, positions=positions, valid=mask, cache=cache.repeat_rows(run))
     h_last = jnp.take_along_axis(h_prompt, once(last_prompt)[:, None, None], axis=1)  # [B / run, 1, D]
