@@ -203,17 +203,22 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, objectiv
                    compiler_options=training_compiler_options())
 
 
-def init_opt_state(optimizer: optax.GradientTransformation, params) -> Any:
-    """The optimizer state, created in place: parameter-shaped leaves (Adam's μ, ν) sharded like their
-    parameter and further over the data-parallel axis (`sharding.optimizer_state_sharding`: each
-    replica updates only its slice, ZeRO-1), the rest (step counts) replicated. A plain
-    `jit(optimizer.init)` replicates μ and ν on every device, which costs FSDP its memory saving."""
+def opt_state_shardings(optimizer: optax.GradientTransformation, params) -> Any:
+    """Where the optimizer state of `params` (arrays or `jax.ShapeDtypeStruct`s with shardings) lives:
+    parameter-shaped leaves (Adam's μ, ν) sharded like their parameter and further over the
+    data-parallel axis (`sharding.optimizer_state_sharding`: each replica updates only its slice,
+    ZeRO-1), the rest (step counts) replicated."""
     first = jax.tree.leaves(params)[0].sharding
     replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
     abstract = jax.eval_shape(optimizer.init, params)
-    shardings = optax.tree_utils.tree_map_params(optimizer, lambda _, p: optimizer_state_sharding(p), abstract,
-                                                 params, transform_non_params=lambda _: replicated)
-    return jax.jit(optimizer.init, out_shardings=shardings)(params)
+    return optax.tree_utils.tree_map_params(optimizer, lambda _, p: optimizer_state_sharding(p), abstract,
+                                            params, transform_non_params=lambda _: replicated)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params) -> Any:
+    """The optimizer state, created in place where `opt_state_shardings` puts it. A plain
+    `jit(optimizer.init)` replicates μ and ν on every device, which costs FSDP its memory saving."""
+    return jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params))(params)
 
 
 def init_train_state(graphdef, params, optimizer: optax.GradientTransformation, objective: Objective,
