@@ -32,6 +32,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 MeshAxes = str | tuple[str, ...] | None
 
 
+def _entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
     """Logical axis name → mesh axis (or axes, or None for replicated).
@@ -63,10 +68,7 @@ class ShardingRules:
         if not hasattr(self, logical):
             names = [f.name for f in dataclasses.fields(self)]
             raise ValueError(f"unknown logical axis {logical!r}; the sharding table knows {names}")
-        axes = getattr(self, logical)
-        if axes is None:
-            return ()
-        return (axes,) if isinstance(axes, str) else tuple(axes)
+        return _entry_axes(getattr(self, logical))
 
     @classmethod
     def from_dict(cls, table: Mapping[str, MeshAxes]) -> ShardingRules:
@@ -74,7 +76,7 @@ class ShardingRules:
         for name, axes in table.items():
             if name not in known:
                 raise ValueError(f"sharding rule for unknown logical axis {name!r}; known: {sorted(known)}")
-            for a in (axes,) if isinstance(axes, str) else (axes or ()):
+            for a in _entry_axes(axes):
                 if a not in MESH_AXES:
                     raise ValueError(f"sharding rule {name}={axes!r}: mesh axis {a!r} not in {MESH_AXES}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
@@ -131,6 +133,12 @@ def named_sharding(shape, logical, mesh: Mesh, rules: ShardingRules = DEFAULT_RU
     return NamedSharding(mesh, spec_for(shape, logical, mesh, rules))
 
 
+def _without(entry, drop: set[str]):
+    """A PartitionSpec entry without the mesh axes in `drop`."""
+    kept = tuple(a for a in _entry_axes(entry) if a not in drop)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
 def optimizer_state_sharding(param: jax.Array, rules: ShardingRules = DEFAULT_RULES) -> jax.sharding.Sharding:
     """Where a parameter-shaped optimizer leaf of `param` lives: the parameter's sharding, each
     `optimizer_extra` mesh axis it does not use yet added on its first dimension that is replicated
@@ -140,7 +148,7 @@ def optimizer_state_sharding(param: jax.Array, rules: ShardingRules = DEFAULT_RU
         return sharding
     mesh = sharding.mesh
     spec = list(sharding.spec) + [None] * (param.ndim - len(sharding.spec))
-    used = {a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
+    used = {a for entry in spec for a in _entry_axes(entry)}
     for axis in rules.mesh_axes("optimizer_extra"):
         size = mesh.shape.get(axis, 1)
         if size == 1 or axis in used:
@@ -247,15 +255,6 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, spec_for(x.shape, logical, mesh, _active_rules[-1]))
-
-
-def _entry_axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _without(entry, drop: set[str]):
-    kept = tuple(a for a in _entry_axes(entry) if a not in drop)
-    return kept[0] if len(kept) == 1 else (kept or None)
 
 
 def embedding_lookup(table: jax.Array, tokens: jax.Array, dtype=None) -> jax.Array:
