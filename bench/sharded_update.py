@@ -61,6 +61,7 @@ def abstract_batch(rows: int, prompt: int, completion: int, mesh) -> dict[str, j
               "tokens": ((rows, completion), jnp.int32), "mask": ((rows, completion), bool),
               "old_logp": ((rows, completion), jnp.float32), "ref_logp": ((rows, completion), jnp.float32),
               "advantages": ((rows,), jnp.float32)}
+
     def rows_split(shape):
         return named_sharding(shape, ("batch",) + (None,) * (len(shape) - 1), mesh)
 
