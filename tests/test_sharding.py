@@ -89,6 +89,7 @@ def test_sharded_forward_equals_single_device(reference, shape):
     ((8, 1, 1), ShardingRules()),
     ((2, 2, 2), ShardingRules(vocab="fsdp", embed="tensor")),  # the vocabulary split like the batch
     ((2, 4, 1), ShardingRules(vocab=None)),
+    ((2, 2, 2), ShardingRules(vocab=("fsdp", "tensor"), embed=None)),  # vocabulary blocks over two axes
 ])
 def test_embedding_lookup_keeps_activations_split(shape, rules):
     """Values and table gradient against NumPy; the result in the activation layout; and the only
