@@ -48,7 +48,16 @@ from flax import nnx
 
 from r1jax.model import init_cache
 from r1jax.model.transformer import rope_frequencies, rope_tables
-from r1jax.sharding import DEFAULT_RULES, constrain, gather_processes, global_rows, host_rows, row_blocks
+from r1jax.sharding import (
+    DEFAULT_RULES,
+    constrain,
+    decode_rules,
+    gather_processes,
+    global_rows,
+    host_rows,
+    row_blocks,
+    use_rules,
+)
 
 _NEG_INF = -jnp.inf
 
@@ -285,7 +294,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_lengths, key, config: Sampl
         step, cache, logits, done, n_tokens, out = carry
         with jax.named_scope("sample"):
             tokens, done_next, counted, out = draw(logits, step, done, out)
-        with jax.named_scope("decode"):
+        with jax.named_scope("decode"), use_rules(decode_rules()):
             positions = (lengths0 + step)[:, None]  # [B, 1]
             rope = (cos_table[positions][:, :, None], sin_table[positions][:, :, None])  # [B, 1, 1, k/2]
             h, cache = model.hidden_states(tokens[:, None], positions, None, cache, rope)

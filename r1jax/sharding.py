@@ -42,12 +42,14 @@ class ShardingRules:
     """Logical axis name → mesh axis (or axes, or None for replicated).
 
     Parameters: `vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`.
-    Activations and caches: `batch`, `seq`, `act_embed`, `cache_seq`.
+    Activations and caches: `batch`, `seq`, `act_embed`; the KV cache's rows `cache_batch` (as `batch`
+    by default; `decode_rules` splits a decode step's activations otherwise) and slots `cache_seq`.
     Optimizer state: `optimizer_extra`, mesh axes over which a parameter-shaped optimizer leaf
     (Adam's μ, ν) is split beyond its parameter's own sharding (`optimizer_state_sharding`).
     """
 
     batch: MeshAxes = ("data", "fsdp")
+    cache_batch: MeshAxes = ("data", "fsdp")
     seq: MeshAxes = None
     act_embed: MeshAxes = None
     cache_seq: MeshAxes = None
@@ -225,6 +227,18 @@ def all_processes(flag: bool) -> bool:
 
 
 _active_rules: list[ShardingRules] = [DEFAULT_RULES]
+
+
+def decode_rules() -> ShardingRules:
+    """The active table as a decode step uses it: activation rows split only over the `batch` axes that
+    split no weight's input dimension (`embed`), the KV cache's rows as before.
+
+    A decode step multiplies a few rows by every weight. With rows split over `fsdp` like the weights'
+    input dimension, XLA all-gathers every weight at every step (the whole model per token); with the
+    rows whole on those devices, each multiplies its own weight block and the small products are summed
+    (an all-reduce of [rows, out] per projection)."""
+    rules = _active_rules[-1]
+    return dataclasses.replace(rules, batch=_without(rules.batch, set(rules.mesh_axes("embed"))))
 
 
 class use_rules:  # noqa: N801 - used as a context manager like jax.set_mesh

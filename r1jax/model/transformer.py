@@ -59,8 +59,8 @@ class KVCache(NamedTuple):
         return KVCache(keys, values, jnp.pad(self.valid, ((0, 0), (0, extra))), self.index)
 
 
-_K_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")
-_V_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
+_K_AXES = ("cache_batch", "kv_heads", "head_dim", "cache_seq")
+_V_AXES = ("cache_batch", "kv_heads", "cache_seq", "head_dim")
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
@@ -170,6 +170,8 @@ class Attention(nnx.Module):
         k = apply_rope(self._project(x, "k"), rope).transpose(0, 2, 3, 1)  # [b, g, k, t]
         v = self._project(x, "v").transpose(0, 2, 1, 3)  # [b, g, t, k]
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+        k = constrain(k, ("batch", "kv_heads", "head_dim", "seq"))
+        v = constrain(v, ("batch", "kv_heads", "seq", "head_dim"))
         if cache_kv is None:
             keys, values, key_valid = k, v, valid
             q_slot = jnp.arange(t)
