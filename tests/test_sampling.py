@@ -5,6 +5,8 @@ the sampler's code paths: completions are re-scored by full forwards over compac
 [prompt + completion] rows, and the filtered distributions are rebuilt in float64 NumPy.
 """
 
+import re
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ from r1jax import sampling
 from r1jax.grpo import token_logprobs
 from r1jax.model import abstract_model, get_preset, state_shardings
 from r1jax.sampling import SampleOutput, SamplingConfig, sample_groups, sample_logits
-from r1jax.sharding import make_mesh
+from r1jax.sharding import global_rows, make_mesh
 
 CFG = get_preset("tiny-qwen2")
 PROMPTS = [[1, 17, 33, 5, 90], [1, 44, 8, 61, 23, 70, 12, 9, 101, 3, 52], [1, 77, 2]]  # lengths 5, 11, 3
@@ -388,3 +390,29 @@ def test_sharded_output_equals_unsharded(split_model, mesh_shape):
     np.testing.assert_array_equal(out.mask, ref.mask)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5, rtol=0)
     np.testing.assert_allclose(out.policy_logprobs, ref.policy_logprobs, atol=1e-5, rtol=0)
+
+
+def test_decode_on_an_fsdp_mesh_gathers_no_weight_per_step(split_model):
+    """Weights split over `fsdp` stay in place during decode: inside the decode loop XLA all-gathers
+    activations only (with rows split over `fsdp` too it gathered every weight at every step), and the
+    samples equal the unsharded ones."""
+    graphdef, state = split_model
+    mesh = make_mesh(1, 8, 1)
+    sharded_state = jax.device_put(state, state_shardings(state, mesh))
+    ref = sample_groups(graphdef, state, PROMPTS, 4, jax.random.key(7), FILTERED)
+    out = sample_groups(graphdef, sharded_state, PROMPTS, 4, jax.random.key(7), FILTERED, mesh=mesh)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.policy_logprobs, ref.policy_logprobs, atol=1e-5, rtol=0)
+
+    tokens, lengths = sampling.pad_prompts(PROMPTS, min_batch=8)
+    with jax.set_mesh(mesh):
+        hlo = sampling._generate_jit.lower(
+            graphdef, sharded_state, global_rows(tokens, mesh), global_rows(lengths, mesh), jax.random.key(7),
+            config=FILTERED, group_size=4, phases=tuple(sampling.decode_phases(N))).compile().as_text()
+    in_loop = [line for line in hlo.splitlines()
+               if (" all-gather(" in line or " all-gather-start(" in line) and "while/body" in line]
+    assert in_loop  # the check reads the loop's collectives (activations are gathered there)
+    weight_shapes = {tuple(x.shape) for x in jax.tree.leaves(state) if x.ndim > 1}
+    gathered = {tuple(int(d) for d in re.search(r"= \(?\w+\[([\d,]*)\]", line).group(1).split(",") if d)
+                for line in in_loop}
+    assert not gathered & weight_shapes, gathered & weight_shapes
