@@ -169,6 +169,8 @@ class Attention(nnx.Module):
         q = apply_rope(self._project(x, "q"), rope)  # [b, t, h, k]
         k = apply_rope(self._project(x, "k"), rope).transpose(0, 2, 3, 1)  # [b, g, k, t]
         v = self._project(x, "v").transpose(0, 2, 1, 3)  # [b, g, t, k]
+        # New keys/values in the activations' row layout (the cache's `cache_batch` may differ in a
+        # decode step): otherwise XLA computes them in the cache's layout by all-gathering the weights.
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k = constrain(k, ("batch", "kv_heads", "head_dim", "seq"))
         v = constrain(v, ("batch", "kv_heads", "seq", "head_dim"))
