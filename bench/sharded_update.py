@@ -26,8 +26,8 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
 
+from bench.attention import grpo_batch
 from r1jax.grpo import GRPOConfig
 from r1jax.model import get_preset
 from r1jax.model.build import sharded_abstract_state
@@ -56,16 +56,13 @@ def collectives(hlo: str) -> dict[str, list[tuple[int, str]]]:
     return found
 
 
-def abstract_batch(rows: int, prompt: int, completion: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    shapes = {"prompt_tokens": ((rows, prompt), jnp.int32), "prompt_mask": ((rows, prompt), bool),
-              "tokens": ((rows, completion), jnp.int32), "mask": ((rows, completion), bool),
-              "old_logp": ((rows, completion), jnp.float32), "ref_logp": ((rows, completion), jnp.float32),
-              "advantages": ((rows,), jnp.float32)}
-
+def abstract_batch(rows: int, prompt: int, completion: int, group: int, vocab: int, mesh):
+    """`bench.attention`'s GRPO batch as `jax.ShapeDtypeStruct`s, rows split as the trainer splits them."""
     def rows_split(shape):
         return named_sharding(shape, ("batch",) + (None,) * (len(shape) - 1), mesh)
 
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows_split(shape)) for k, (shape, dtype) in shapes.items()}
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows_split(v.shape))
+            for k, v in grpo_batch(rows, prompt, completion, group, vocab).items()}
 
 
 def main():
@@ -92,7 +89,7 @@ def main():
                              opt_state_shardings(optimizer, params))
     objective = grpo_objective(GRPOConfig.preset("grpo", group_size=args.group, beta=0.04), temperature=1.0,
                                chunk_size=args.logit_chunk)
-    batch = abstract_batch(args.rows, args.prompt, args.completion, mesh)
+    batch = abstract_batch(args.rows, args.prompt, args.completion, args.group, cfg.vocab_size, mesh)
     with jax.set_mesh(mesh):
         update = make_update_step(graphdef, optimizer, objective, args.micro_batches, group_size=args.group,
                                   state_shardings=shardings_of((params, opt_state)))
