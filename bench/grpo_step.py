@@ -51,9 +51,7 @@ one); `torch.mm` is measured too, for reference.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -362,10 +360,7 @@ def main():
 
     tokenizer = build_tokenizer()
     jiffies = workload.cpu_jiffies()
-    load = os.getloadavg()
-    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{', '.join(f'{x:.1f}' for x in load)}; jax {jax.__version__} ({jax.devices()[0].platform} × "
-          f"{jax.device_count()})")
+    print(workload.run_header())
     roof = workload.matmul_roofline()
     print(f"fp32 matmul roofline (2048³ jnp.dot): {roof[0] / 1e9:.1f} GFLOP/s per wall second, "
           f"{roof[1] / 1e9:.1f} per CPU second")

@@ -27,9 +27,6 @@ runs each device's program on its own thread. HF keeps its 2 torch threads.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 
 import jax
 import numpy as np
@@ -104,9 +101,7 @@ def main():
     cfg = nnx.merge(graphdef, state).cfg
     hf = None if args.no_hf else workload.hf_model(args.hf_attn)
     jiffies = workload.cpu_jiffies()
-    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; jax {jax.__version__} "
-          f"({jax.devices()[0].platform} × {jax.device_count()})")
+    print(workload.run_header())
     roof_wall, roof_cpu = workload.matmul_roofline()
     print(f"fp32 matmul roofline (2048³ jnp.dot): {roof_wall / 1e9:.1f} GFLOP/s per wall second, "
           f"{roof_cpu / 1e9:.1f} per CPU second")
