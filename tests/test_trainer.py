@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from r1jax.checkpoint import NonFiniteError
 from r1jax.grpo import GRPOConfig
-from r1jax.model import ModelConfig, abstract_model, shard_model
+from r1jax.model import ModelConfig, abstract_model, get_preset, shard_model
 from r1jax.rewards import combine
 from r1jax.sampling import SamplingConfig
 from r1jax.sharding import make_mesh
@@ -436,6 +436,23 @@ def ynn_dots(compiled) -> int:
     called = re.findall(r"calls=%?([\w.\-]+)[^\n]*__ynn_fusion", text)
     bodies = {m.group(1): m.group(2) for m in re.finditer(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, re.S)}
     return sum(" dot(" in bodies[name] for name in called)
+
+
+def test_weight_decay_skips_biases_and_norm_scales_whatever_their_rank():
+    """AdamW's decoupled decay (zero gradients: the update is −lr·wd·p) reaches every matrix, the
+    embedding included, and no norm scale or bias — Qwen2's q/k/v biases are [heads, head_dim]."""
+    _, abstract = abstract_model(get_preset("tiny-qwen2"))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), abstract)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1.0, weight_decay=0.1, max_grad_norm=0.0))
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+    kept = []
+    for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(params), strict=True):
+        name = jax.tree_util.keystr(path)
+        exempt = "bias" in name or "scale" in name
+        np.testing.assert_allclose(np.asarray(u), 0.0 if exempt else -0.1 * np.asarray(p), rtol=1e-6, err_msg=name)
+        kept += [name] * (exempt and u.ndim > 1)
+    assert any("q_bias" in n for n in kept), kept  # the rank-2 biases are among the exempt
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU setting")

@@ -1,6 +1,7 @@
 """The optimizer: optax AdamW with linear warmup, then a constant or cosine schedule, and global-norm clipping.
 
-Weight decay skips vectors (norm scales, biases), the usual LLM convention.
+Weight decay skips norm scales and biases, whatever their rank (Qwen2's q/k/v biases are [heads,
+head_dim]), as HF's and TRL's trainers do; every other parameter, the embedding included, decays.
 """
 
 from __future__ import annotations
@@ -53,8 +54,19 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
+def _parameter_name(path) -> str:
+    """The last named key of a parameter's pytree path (`q_bias` for layers/0/attn/q_bias/value)."""
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)]
+    return names[-1] if names else ""
+
+
+def decay_mask(params):
+    """True for the parameters weight decay applies to: matrices, not norm scales or biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim > 1 and not _parameter_name(path).endswith(("bias", "scale")), params)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.max_grad_norm > 0:
