@@ -46,6 +46,8 @@ def filters(**overrides) -> ConfigDict:
 
 
 def grpo_section(**overrides) -> ConfigDict:
+    # beta, epsilon_low/high and kl_estimator override the loss preset's (here R1's β and ε); a section
+    # that leaves one out takes the preset's (r1jax.stages.grpo_config)
     base = dict(
         steps=40, prompts_per_step=16, group_size=8, preset="grpo", beta=0.001, epsilon_low=10.0, epsilon_high=10.0,
         kl_estimator="k3", num_iterations=1, num_minibatches=1, micro_batches=1, ref_update_every=400,

@@ -9,7 +9,7 @@ deliberately imperfect corpus, then R1-Zero GRPO; nothing is downloaded. For a r
         --config.stages=rl --config.rl.group_size=16 --config.rl.beta=0.001
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config() -> ConfigDict:
@@ -56,7 +56,10 @@ def get_config() -> ConfigDict:
 
     c.rl = ConfigDict(dict(
         steps=40, prompts_per_step=16, group_size=8,
-        preset="grpo", beta=0.001, epsilon_low=0.2, epsilon_high=0.2, kl_estimator="k3",
+        # The loss preset (grpo, dapo, dr_grpo, gspo) and the fields that override it; unset (None), a field
+        # is the preset's (grpo: β 0.001, ε 0.2 / 0.2, k3), so --config.rl.preset=dapo gives DAPO's ε and β.
+        preset="grpo", beta=config_dict.placeholder(float), epsilon_low=config_dict.placeholder(float),
+        epsilon_high=config_dict.placeholder(float), kl_estimator=config_dict.placeholder(str),
         num_iterations=1, num_minibatches=1, micro_batches=1,
         ref_update_every=400, dynamic_sampling=False, max_sampling_rounds=3,
         rewards=ConfigDict({"accuracy": 1.0, "format": 1.0}),

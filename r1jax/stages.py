@@ -108,9 +108,13 @@ def pretrain(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.M
     return trainer.model, (history[-1] if history else {})
 
 
+_PRESET_FIELDS = ("beta", "epsilon_low", "epsilon_high", "kl_estimator")
+
+
 def grpo_config(rl, max_new_tokens: int) -> GRPOConfig:
-    overrides = dict(group_size=rl.group_size, beta=rl.beta, epsilon_low=rl.epsilon_low,
-                     epsilon_high=rl.epsilon_high, kl_estimator=rl.kl_estimator, num_iterations=rl.num_iterations)
+    """The section's loss: its preset, with the fields the section sets (None or absent: the preset's)."""
+    overrides = dict(group_size=rl.group_size, num_iterations=rl.num_iterations)
+    overrides.update({k: v for k in _PRESET_FIELDS if (v := rl.get(k)) is not None})
     if rl.preset == "dr_grpo":  # Dr. GRPO's constant normaliser: the completion budget
         overrides["max_completion_length"] = max_new_tokens
     return GRPOConfig.preset(rl.preset, **overrides)

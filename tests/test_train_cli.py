@@ -356,6 +356,7 @@ def test_cli_reports_a_bad_value_before_any_work(env, tmp_path):
     ({"rl.num_minibatches": 0}, "config.rl: rl.num_minibatches=0 must be >= 1"),
     ({"rl.micro_batches": 3}, "rl.micro_batches=3 must divide the minibatch of 4 completions"),
     ({"rl.preset": "foo"}, "config.rl: preset='foo' must be one of"),
+    ({"rl.epsilon_high": -1.0}, "config.rl: GRPOConfig.epsilon_high=-1.0 must be a finite number >= 0"),
     ({"rl.schedule": "linear"}, "config.rl: optim.schedule='linear'"),
     ({"rl.rewards": {"acuracy": 1.0}}, "config.rl: unknown reward 'acuracy'"),
     ({"pretrain.micro_batches": 3}, "config.pretrain: sft.micro_batches=3 must divide sft.batch_size=4"),
@@ -381,6 +382,21 @@ def test_bad_values_fail_before_any_work(tmp_path, monkeypatch, changes, message
         run_pipeline(config, tmp_path / "w", STAGES, validate=validate_config)
     assert message in str(raised.value)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_preset_chosen_in_the_config_keeps_its_clip_and_kl_unless_the_config_sets_them():
+    from configs.r1zero import get_config
+    from r1jax.grpo import PRESETS, GRPOConfig
+    from r1jax.stages import grpo_config
+
+    rl = get_config().rl
+    fixed = dict(group_size=rl.group_size, num_iterations=rl.num_iterations)
+    for preset in PRESETS:  # e.g. dapo: ε 0.2 / 0.28 and β 0, not r1zero's grpo values
+        rl.preset = preset
+        budget = {"max_completion_length": 32} if preset == "dr_grpo" else {}
+        assert grpo_config(rl, 32) == GRPOConfig.preset(preset, **fixed, **budget), preset
+    rl.preset, rl.beta = "dapo", 0.01  # a field the config sets overrides the preset's
+    assert grpo_config(rl, 32) == GRPOConfig.preset("dapo", beta=0.01, **fixed)
 
 
 HUGE_PAGES_PROBE = r"""
