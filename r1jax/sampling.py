@@ -18,8 +18,9 @@ Design choices:
   a stop token (`SampleOutput.steps` says how many steps ran). The cache grows in doubling
   phases, one loop each (`decode_phases`), because attention reads every slot, filled or not.
 * Two log-probs per sampled token (fp32):
-  - `logprobs`: under the distribution actually sampled from — logits / temperature, then top-k,
-    then top-p (nucleus), then stop tokens banned before `min_new_tokens`, renormalised. Use it for
+  - `logprobs`: under the distribution actually sampled from — logits / temperature, stop tokens
+    banned before `min_new_tokens`, then top-k, then top-p (nucleus), renormalised (HF's order: a
+    ban after the filters could leave a row nothing to draw). Use it for
     importance-sampling corrections (sampler ≠ trainer distribution). Greedy: 0 (a point mass).
   - `policy_logprobs`: `log_softmax(logits / temperature)` without filters. **Temperature
     convention** (as in DeepSeek-R1 / TRL): the trainer scores completions with its logits divided
@@ -170,16 +171,27 @@ def _inverse_cdf_draw(x: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Arra
 
     One uniform per row: the Gumbel-max trick needs B·V random numbers per step, which on
     XLA:CPU costs more than the rest of the sampling step together. Tokens at -inf (filtered
-    out) have zero mass and are never drawn, however the uniform rounds.
+    out) have zero mass and are never drawn (`_first_crossing`).
     """
     m = jnp.max(x, axis=-1, keepdims=True)
     p = jnp.exp(x - m)  # unnormalised probabilities
     cdf = jnp.cumsum(p, axis=-1)
     total = cdf[:, -1]
     u = jax.random.uniform(key, total.shape, jnp.float32)
-    index = jnp.sum(cdf <= (u * total)[:, None], axis=-1)
-    last = x.shape[-1] - 1 - jnp.argmax(p[:, ::-1] > 0, axis=-1)  # u·total may round up to total
-    return jnp.minimum(index, last).astype(jnp.int32), m[:, 0] + jnp.log(total)
+    return _first_crossing(p, cdf, u * total), m[:, 0] + jnp.log(total)
+
+
+def _first_crossing(p: jax.Array, cdf: jax.Array, threshold: jax.Array) -> jax.Array:
+    """The first token of nonzero mass p [B, V] whose running sum cdf passes threshold [B]; where
+    none does (threshold rounded up to the total), the last token of nonzero mass. [B] int32.
+
+    Not the count of cdf ≤ threshold: XLA's cumsum is not monotone to the last bit (on XLA:CPU, over
+    random logits and Qwen's 151,936-word vocabulary, ≈ 1 step in 200 dips by rounding), and the count
+    then lands on a filtered, zero-mass token for some uniforms (≈ 7e-5 of draws after top-k 50,000).
+    """
+    hit = (cdf > threshold[:, None]) & (p > 0)
+    last = p.shape[-1] - 1 - jnp.argmax(p[:, ::-1] > 0, axis=-1)
+    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last).astype(jnp.int32)
 
 
 def _pick(x: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -195,11 +207,12 @@ def sample_logits(
     """
     logits = logits.astype(jnp.float32)
     policy = logits / config.temperature if config.temperature != 1.0 else logits
-    filtered = _top_k_top_p(policy, config)
+    allowed = policy
     if config.eos_ids and config.min_new_tokens >= config.max_new_tokens:
-        filtered = _ban(filtered, config.eos_ids, True)
+        allowed = _ban(policy, config.eos_ids, True)
     elif config.eos_ids and config.min_new_tokens > 0:
-        filtered = _ban(filtered, config.eos_ids, jnp.asarray(step) < config.min_new_tokens)
+        allowed = _ban(policy, config.eos_ids, jnp.asarray(step) < config.min_new_tokens)
+    filtered = _top_k_top_p(allowed, config)  # after the ban, so that it keeps tokens that can be drawn
     unfiltered = filtered is policy
     if config.greedy:
         tokens = jnp.argmax(filtered, axis=-1).astype(jnp.int32)

@@ -362,6 +362,28 @@ def test_min_new_tokens_at_least_max_new_tokens_forces_full_length():
     np.testing.assert_allclose(logp, np.log(1 / 6), atol=1e-6)  # uniform over the 6 allowed ids
 
 
+@pytest.mark.parametrize("filters", [{"top_k": 1}, {"top_p": 0.05}, {"top_k": 1, "greedy": True},
+                                     {"top_p": 0.05, "greedy": True}])
+def test_the_stop_id_ban_comes_before_top_k_and_top_p(filters):
+    """As in HF, the filters choose among the tokens that may be drawn: banned after them, a stop id that
+    was the only kept token left nothing to draw (token 0 with a NaN log-prob)."""
+    raw = np.array([0.0, 1.0, 2.0, 5.0, 0.5])  # the stop id 3 is the most likely token
+    logits = jnp.asarray(raw[None], jnp.float32)
+    config = SamplingConfig(max_new_tokens=8, eos_ids=(3,), min_new_tokens=2, **filters)
+    tokens, logp, policy = sample_logits(logits, jax.random.key(0), config, 0)
+    assert int(tokens[0]) == 2 and abs(float(logp[0])) < 1e-7  # the best allowed token, kept alone
+    np.testing.assert_allclose(policy, log_softmax64(raw)[2], atol=1e-6)
+    tokens, logp, _ = sample_logits(logits, jax.random.key(0), config, 2)  # the ban is over
+    assert int(tokens[0]) == 3 and abs(float(logp[0])) < 1e-7
+
+
+def test_the_inverse_cdf_never_lands_on_a_zero_mass_token_where_the_running_sum_dips():
+    p = jnp.asarray([[0.5, 0.0, 0.5, 0.0]])
+    cdf = jnp.asarray([[0.5, np.nextafter(np.float32(0.5), np.float32(0)), 1.0, 1.0]])  # a rounding dip at token 1
+    for threshold, expected in ((0.25, 0), (float(cdf[0, 1]), 0), (0.5, 2), (0.99, 2), (1.0, 2)):
+        assert int(sampling._first_crossing(p, cdf, jnp.asarray([threshold], jnp.float32))[0]) == expected, threshold
+
+
 # ------------------------------------------------------------------------------------ shapes and meshes
 
 
