@@ -62,6 +62,8 @@ def get_config() -> ConfigDict:
         epsilon_high=config_dict.placeholder(float), kl_estimator=config_dict.placeholder(str),
         num_iterations=1, num_minibatches=1, micro_batches=1,
         ref_update_every=400, dynamic_sampling=False, max_sampling_rounds=3,
+        # name: weight, or name: {weight: w, option: value, …}, e.g. DAPO's overlong shaping
+        # overlong: {weight: 1.0, max_length: 32, cache_length: 8} (token counts come from the sampler)
         rewards=ConfigDict({"accuracy": 1.0, "format": 1.0}),
         reward_workers=0, reward_timeout=10.0,
         learning_rate=2e-4, warmup_steps=5, schedule="constant", weight_decay=0.0, max_grad_norm=1.0,

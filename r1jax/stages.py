@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from r1jax.evaluate import evaluate_model
 from r1jax.grpo import GRPOConfig
 from r1jax.metrics import plot_curves, read_jsonl, write_report
 from r1jax.pipeline import ConfigError, RunContext
-from r1jax.rewards import CombinedReward, RewardPool, combine
+from r1jax.rewards import CombinedReward, RewardPool, combine, get_reward
 from r1jax.sampling import SamplingConfig
 from r1jax.trainers.loop import run_loop
 from r1jax.trainers.optim import OptimConfig
@@ -73,8 +74,23 @@ def eval_sampling(c: ConfigDict, eos_id: int, pad_id: int) -> SamplingConfig:
                           eos_ids=(eos_id,), pad_id=pad_id)
 
 
+def reward_table(rewards: ConfigDict) -> dict[str, tuple[Callable[..., Any], float]]:
+    """{name: (reward, weight)} from a config's `rewards` table, whose entries are `name: weight` or, for a
+    reward with options, `name: {weight: w, option: value, …}` — e.g. DAPO's overlong shaping,
+    `overlong: {weight: 1.0, max_length: 4096, cache_length: 512}` (the trainer passes token counts)."""
+    table = {}
+    for name, spec in rewards.items():
+        if isinstance(spec, ConfigDict | dict):
+            options = dict(spec)
+            weight = options.pop("weight", 1.0)
+            table[name] = (get_reward(name, **options), float(weight))
+        else:
+            table[name] = (get_reward(name), float(spec))
+    return table
+
+
 def rewards_of(c: ConfigDict) -> CombinedReward:
-    return combine({name: (name, float(w)) for name, w in c.rl.rewards.items()})
+    return combine(reward_table(c.rl.rewards))
 
 
 def per_process(batch_size: int, name: str) -> int:

@@ -32,6 +32,7 @@ from ml_collections import ConfigDict
 from r1jax.data.filters import filter_samples
 from r1jax.pipeline import RunContext, StageManifest
 from r1jax.rewards import combine, get_reward
+from r1jax.stages import reward_table
 from r1jax.stages_r1 import (
     DATA_FILE,
     GRPORun,
@@ -161,7 +162,7 @@ def student_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx
     ledger_file = stage_dir / "budget.json"
     ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {"used": 0.0, "step_cost": None}
     start = clock()
-    reward = combine({name: (name, float(w)) for name, w in s.rewards.items() if float(w)})
+    reward = combine({name: spec for name, spec in reward_table(s.rewards).items() if spec[1]})
     run = GRPORun(ctx, model, stage_dir, s, reasoning_records(ctx, "train"), reward, s.template)
     ledger["used"] += clock() - start
     history: list[dict[str, float]] = []

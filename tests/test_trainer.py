@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
 
 from r1jax.checkpoint import NonFiniteError
 from r1jax.grpo import GRPOConfig
 from r1jax.model import ModelConfig, abstract_model, get_preset, shard_model
 from r1jax.rewards import combine
-from r1jax.sampling import SamplingConfig
+from r1jax.sampling import SampleOutput, SamplingConfig
 from r1jax.sharding import make_mesh
 from r1jax.trainers.loop import run_loop
 from r1jax.trainers.optim import OptimConfig, make_optimizer
@@ -436,6 +437,26 @@ def ynn_dots(compiled) -> int:
     called = re.findall(r"calls=%?([\w.\-]+)[^\n]*__ynn_fusion", text)
     bodies = {m.group(1): m.group(2) for m in re.finditer(r"\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, re.S)}
     return sum(" dot(" in bodies[name] for name in called)
+
+
+def test_rewards_get_the_completion_token_counts_so_dapo_overlong_shaping_runs_from_a_config(initial):
+    """The trainer passes each completion's token count (stop token included) as `completion_length`; a
+    config table binds the overlong reward's options. DAPO eq. 13 with L_max = 6, L_cache = 4."""
+    from r1jax.stages import reward_table
+
+    tok = CharTokenizer()
+    table = reward_table(ConfigDict({"overlong": {"weight": 0.5, "max_length": 6, "cache_length": 4}}))
+    trainer = GRPOTrainer(rl_config(), model_from(initial), tok, combine(table))
+    lengths = np.array([1, 2, 3, 5, 6, 7, 8, 8])
+    tokens = np.full((8, NEW_TOKENS), tok.pad_id)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = 3  # "a" …
+    tokens[lengths < NEW_TOKENS, lengths[lengths < NEW_TOKENS] - 1] = tok.eos_id  # … ended by the stop token
+    out = SampleOutput(*(None,) * len(SampleOutput._fields))._replace(tokens=tokens, lengths=lengths)
+    totals, info = trainer._score_rewards({"prompt": ["x", "y"]}, out)
+    expected = [0.0 if n <= 2 else -1.0 if n > 6 else (2 - n) / 4 for n in lengths]  # 0 up to 6 − 4, ramp, −1
+    np.testing.assert_allclose(info["columns"]["overlong"], expected)
+    np.testing.assert_allclose(totals, 0.5 * np.asarray(expected))
 
 
 def test_weight_decay_skips_biases_and_norm_scales_whatever_their_rank():

@@ -177,6 +177,8 @@ class GRPOTrainer:
         g = self.config.loss.group_size
         texts = decode_completions(out, self.tokenizer.decode, self.config.sampling.eos_ids)
         fields = {k: _repeat(v, g) for k, v in batch.items() if k not in ("prompt", "prompt_ids", "prompt_length")}
+        # Token counts, the stop token included, for length rules (DAPO's overlong shaping, `rewards.length`).
+        fields["completion_length"] = np.asarray(out.lengths).tolist()
         scored = self.reward.score(_repeat(batch["prompt"], g), texts, pool=self.pool, **fields)
         totals = np.asarray([0.0 if r is None else r for r in scored.totals], np.float32)
         return totals, {"texts": texts, "columns": scored.columns}
