@@ -62,6 +62,7 @@ def get_config() -> ConfigDict:
         epsilon_high=config_dict.placeholder(float), kl_estimator=config_dict.placeholder(str),
         num_iterations=1, num_minibatches=1, micro_batches=1,
         ref_update_every=400, dynamic_sampling=False, max_sampling_rounds=3,
+        old_logprobs="trainer",  # π_old: the trainer's log-probs ("sampler": the sampler's; RLConfig says more)
         # name: weight, or name: {weight: w, option: value, …}, e.g. DAPO's overlong shaping
         # overlong: {weight: 1.0, max_length: 32, cache_length: 8} (token counts come from the sampler)
         rewards=ConfigDict({"accuracy": 1.0, "format": 1.0}),

@@ -54,7 +54,7 @@ def grpo_run_config(section, sampling: SamplingConfig, seed: int) -> RLConfig:
     defaults = {f.name: f.default for f in dataclasses.fields(RLConfig) if f.default is not dataclasses.MISSING}
     optional = {name: section.get(name, defaults[name]) for name in
                 ("num_minibatches", "micro_batches", "ref_update_every", "dynamic_sampling", "max_sampling_rounds",
-                 "chunk_size")}
+                 "chunk_size", "old_logprobs")}
     updates_per_step = section.num_iterations * optional["num_minibatches"]
     return RLConfig(steps=section.steps, prompts_per_step=section.prompts_per_step,
                     loss=grpo_config(section, sampling.max_new_tokens), sampling=sampling,

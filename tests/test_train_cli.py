@@ -357,6 +357,7 @@ def test_cli_reports_a_bad_value_before_any_work(env, tmp_path):
     ({"rl.micro_batches": 3}, "rl.micro_batches=3 must divide the minibatch of 4 completions"),
     ({"rl.preset": "foo"}, "config.rl: preset='foo' must be one of"),
     ({"rl.epsilon_high": -1.0}, "config.rl: GRPOConfig.epsilon_high=-1.0 must be a finite number >= 0"),
+    ({"rl.old_logprobs": "policy"}, "config.rl: rl.old_logprobs='policy' must be 'trainer' or 'sampler'"),
     ({"rl.schedule": "linear"}, "config.rl: optim.schedule='linear'"),
     ({"rl.rewards": {"acuracy": 1.0}}, "config.rl: unknown reward 'acuracy'"),
     ({"pretrain.micro_batches": 3}, "config.pretrain: sft.micro_batches=3 must divide sft.batch_size=4"),

@@ -459,6 +459,37 @@ def test_rewards_get_the_completion_token_counts_so_dapo_overlong_shaping_runs_f
     np.testing.assert_allclose(totals, 0.5 * np.asarray(expected))
 
 
+class OffSampler(GRPOTrainer):
+    """A trainer whose sampler's log-probs are off by 0.5 per token (as a bf16 decode can be): its
+    tokens are the same, so only the ratio's π_old can tell."""
+
+    def sample(self, prompt_ids, key):
+        out = super().sample(prompt_ids, key)
+        return out._replace(policy_logprobs=jnp.where(out.mask, out.policy_logprobs - 0.5, 0.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("passes", [(1, 1), (2, 2)])  # (μ, minibatches): π_old in the update / a scoring pass
+def test_old_log_probs_are_the_trainers_unless_the_samplers_are_asked_for(initial, passes):
+    mu, minibatches = passes
+
+    def one_step(cls, old_logprobs):
+        config = rl_config(loss=GRPOConfig(group_size=4, beta=0.04, num_iterations=mu), num_minibatches=minibatches,
+                           micro_batches=2, old_logprobs=old_logprobs)
+        trainer = cls(config, model_from(initial), CharTokenizer(), combine({"a": (fraction_of_a, 1.0)}))
+        metrics = trainer.step(PromptStream(config.prompts_per_step))
+        return host(trainer.params), metrics
+
+    exact, metrics = one_step(GRPOTrainer, "trainer")
+    assert max_rel_diff(one_step(OffSampler, "trainer")[0], exact) == 0.0  # the sampler's log-probs are not read
+    assert (metrics["time/old_logp"] > 0) == (mu * minibatches > 1)
+    if mu == 1:  # ratio exactly 1 at the one update: nothing clipped
+        assert metrics["train/clip_frac_low"] == metrics["train/clip_frac_high"] == 0.0
+    off, off_metrics = one_step(OffSampler, "sampler")
+    assert max_rel_diff(off, exact) > 1e-3  # π_old from the sampler: the ratio e^0.5 is clipped
+    assert off_metrics["train/clip_frac_high"] + off_metrics["train/clip_frac_low"] > 0.2
+
+
 def test_weight_decay_skips_biases_and_norm_scales_whatever_their_rank():
     """AdamW's decoupled decay (zero gradients: the update is −lr·wd·p) reaches every matrix, the
     embedding included, and no norm scale or bias — Qwen2's q/k/v biases are [heads, head_dim]."""

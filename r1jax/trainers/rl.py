@@ -4,10 +4,11 @@
         ─► [reference log-probs, only if β > 0] ─► μ × minibatch update (grpo_loss, global normalisers)
         ─► metrics ─► checkpoint
 
-Three choices keep a step cheap: π_old is the sampler's own `policy_logprobs` (the same parameters and
-temperature, so no extra forward pass); the reference model is scored only when β > 0; and the
-reference and policy passes run each prompt once per group, its keys/values shared by the group's
-G completions (minibatches hold whole groups; micro-batches runs of them). Every
+Three choices keep a step cheap: with μ = 1 and one minibatch (R1's setting) π_old is the update's
+own forward, detached (the ratio is 1 at the update, as GRPO defines it), so no pass is added for it;
+the reference model is scored only when β > 0; and the reference and policy passes run each prompt
+once per group, its keys/values shared by the group's G completions (minibatches hold whole groups;
+micro-batches runs of them). `RLConfig.old_logprobs` says where π_old comes from otherwise. Every
 random draw derives from (seed, step), and the data iterator's state is checkpointed, so a resumed
 run repeats exactly what an uninterrupted one does.
 
@@ -59,6 +60,12 @@ class RLConfig:
     ref_update_every: copy the policy into the reference every N steps (R1: 400; 0 = never).
     dynamic_sampling: DAPO — drop groups whose rewards are all equal and sample more prompts (up to
       max_sampling_rounds batches) to refill; rows still missing are masked out, not faked.
+    old_logprobs: where log π_old comes from. "trainer" (TRL's and verl's choice): the trainer's own
+      log-probs under the parameters that sampled — with μ = 1 and one minibatch the update's forward,
+      detached (no extra pass), else one scoring pass before the updates — so the ratio starts at exactly
+      1 whatever the sampler's numerics (a bf16 decode and a bf16 training forward differ by up to
+      ~0.3 per token: clipped at GSPO's ε). "sampler": the sampler's `policy_logprobs` (never an extra
+      pass; the ratio then also carries the sampler/trainer mismatch, and the clip acts on it).
     """
 
     steps: int
@@ -73,9 +80,12 @@ class RLConfig:
     max_sampling_rounds: int = 3
     chunk_size: int = 512
     seed: int = 0
+    old_logprobs: str = "trainer"
 
     def __post_init__(self):
         rows = self.prompts_per_step * self.loss.group_size
+        if self.old_logprobs not in ("trainer", "sampler"):
+            raise ValueError(f"rl.old_logprobs={self.old_logprobs!r} must be 'trainer' or 'sampler'")
         if self.steps < 0 or self.prompts_per_step < 1:
             raise ValueError(f"rl.steps={self.steps} must be >= 0 and rl.prompts_per_step={self.prompts_per_step} >= 1")
         for name in ("num_minibatches", "micro_batches", "max_sampling_rounds", "chunk_size"):
@@ -222,6 +232,16 @@ class GRPOTrainer:
         host_only = ("rewards", "lengths", "truncated")
         batch_dev = {k: global_rows(v, self.mesh) for k, v in host.items() if k not in host_only}
 
+        old_time, old_pass = 0.0, cfg.old_logprobs == "trainer" and updates_per_step(cfg) > 1
+        if cfg.old_logprobs == "trainer" and not old_pass:  # μ = 1, one minibatch: the update's own, detached
+            del batch_dev["old_logp"]
+        if old_pass:  # the parameters that sampled score the batch before the first update moves them
+            t = time.perf_counter()
+            with mesh_context(self.mesh):
+                batch_dev["old_logp"] = self._score(self.params, batch_dev)
+                jax.block_until_ready(batch_dev["old_logp"])
+            old_time = time.perf_counter() - t
+
         ref_time = 0.0
         if cfg.loss.beta > 0:
             t = time.perf_counter()
@@ -260,8 +280,8 @@ class GRPOTrainer:
             ({k: host[k] for k in ("rewards", "lengths", "truncated", "mask", "prompt_mask")}, columns))
         sampled_groups, zero_groups, flops = sum_processes(np.asarray([sampled_groups, zero_groups, flops]))
         metrics = _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups, zero_groups)
-        updates_per_step = cfg.loss.num_iterations * cfg.num_minibatches
-        metrics["train/lr"] = float(self.schedule(self.step_count * updates_per_step - 1))
+        metrics["time/old_logp"] = old_time
+        metrics["train/lr"] = float(self.schedule(self.step_count * updates_per_step(cfg) - 1))
         metrics["time/step"] = time.perf_counter() - t0
         metrics["tokens_per_s"] = float(host["lengths"].sum()) / metrics["time/step"]
         # Model FLOPs of the work done on the real rows (whole groups: filler rows come in groups):
@@ -270,12 +290,16 @@ class GRPOTrainer:
         prompt_lengths, lengths = host["prompt_mask"][real].sum(1), host["lengths"][real]
         update_run = prompt_run(g, rows // cfg.num_minibatches, cfg.micro_batches)
         flops += 3 * cfg.loss.num_iterations * scoring_flops(self.model_config, prompt_lengths, lengths, update_run)
-        if cfg.loss.beta > 0:
-            flops += scoring_flops(self.model_config, prompt_lengths, lengths, g)
+        flops += (int(cfg.loss.beta > 0) + int(old_pass)) * scoring_flops(self.model_config, prompt_lengths, lengths, g)
         metrics["perf/flops_per_s"] = flops / metrics["time/step"]
         if self._peak_flops is not None:
             metrics["perf/mfu"] = metrics["perf/flops_per_s"] / (self._peak_flops * self._num_devices)
         return metrics
+
+
+def updates_per_step(cfg: RLConfig) -> int:
+    """Optimizer steps per GRPO step: μ passes over the batch, num_minibatches each."""
+    return cfg.loss.num_iterations * cfg.num_minibatches
 
 
 def forward_flops(cfg: ModelConfig, start, stop, logits=None) -> float:

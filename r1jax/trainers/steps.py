@@ -104,7 +104,8 @@ def grpo_objective(config: GRPOConfig, *, temperature: float, chunk_size: int) -
     def objective(model, batch, counts, prompt_run):
         logp, ent = completion_logprobs(model, batch, prompt_run=prompt_run, temperature=temperature,
                                         chunk_size=chunk_size, entropy=True)
-        return grpo_loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"], batch["mask"], config,
+        old_logp = batch.get("old_logp", logp)  # absent: on-policy, π_old = these log-probs (detached by the loss)
+        return grpo_loss(logp, old_logp, batch.get("ref_logp"), batch["advantages"], batch["mask"], config,
                          num_sequences=counts[0], num_tokens=counts[1], entropy=ent)
 
     return objective
