@@ -441,6 +441,10 @@ def sample_groups(
     shards = 1 if mesh is None else math.prod(mesh.local_mesh.shape[a] for a in DEFAULT_RULES.mesh_axes("batch"))
     min_prompts = shards if mesh is not None and row_blocks(mesh) > 1 else shards // math.gcd(shards, group_size)
     tokens, lengths = pad_prompts(prompts, config.pad_id, bucket(longest, min_prompt_length), min_prompts)
+    real = tokens[np.arange(tokens.shape[1])[None, :] < lengths[:, None]]
+    if real.min() < 0 or real.max() >= cfg.vocab_size:  # the embedding lookup would give NaN rows, silently
+        bad = np.unique(real[(real < 0) | (real >= cfg.vocab_size)])[:8].tolist()
+        raise ValueError(f"prompt token ids {bad} lie outside the model's vocabulary [0, {cfg.vocab_size})")
     if mesh is None:
         out = _checked_generate(cfg, graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key, config,
                                 group_size)

@@ -145,6 +145,8 @@ def test_config_checks_ids_against_the_vocabulary(split_model):
         sample_groups(graphdef, state, PROMPTS, 1, jax.random.key(0), SamplingConfig(max_new_tokens=2, eos_ids=(128,)))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         sample_groups(graphdef, state, PROMPTS, 1, jax.random.key(0), SamplingConfig(max_new_tokens=250))
+    with pytest.raises(ValueError, match=r"prompt token ids \[-1, 128\] lie outside the model's vocabulary \[0, 128\)"):
+        sample_groups(graphdef, state, [[5, 128, 7], [-1, 3]], 1, jax.random.key(0), SamplingConfig(max_new_tokens=2))
 
 
 def test_decode_phases_double_up_to_max_new_tokens():
