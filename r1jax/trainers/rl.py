@@ -194,6 +194,13 @@ class GRPOTrainer:
         totals = np.asarray([0.0 if r is None else r for r in scored.totals], np.float32)
         return totals, {"texts": texts, "columns": scored.columns}
 
+    def _timed_score(self, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, float]:
+        """Completion log-probs of `batch` under `params` (one scoring pass) and its wall seconds."""
+        t = time.perf_counter()
+        with mesh_context(self.mesh):
+            logp = jax.block_until_ready(self._score(params, batch))
+        return logp, time.perf_counter() - t
+
     def step(self, batches: Callable[[], dict[str, Any]]) -> dict[str, float]:
         """One GRPO step; `batches()` yields the next batch of prompts (called again to refill)."""
         cfg, g = self.config, self.config.loss.group_size
@@ -230,26 +237,17 @@ class GRPOTrainer:
             if all_processes(sum(len(k["advantages"]) for k in kept) >= local_rows):
                 break
         host = _assemble(kept, local_rows)
-        host_only = ("rewards", "lengths", "truncated")
+        # The sampler's log-probs serve as π_old only when asked for; with "trainer" and μ = 1, one
+        # minibatch, the update takes its own (detached), else the parameters that sampled score the batch
+        # before the first update moves them.
+        old_pass = cfg.old_logprobs == "trainer" and updates_per_step(cfg) > 1
+        host_only = ("rewards", "lengths", "truncated") + (("old_logp",) if cfg.old_logprobs == "trainer" else ())
         batch_dev = {k: global_rows(v, self.mesh) for k, v in host.items() if k not in host_only}
-
-        old_time, old_pass = 0.0, cfg.old_logprobs == "trainer" and updates_per_step(cfg) > 1
-        if cfg.old_logprobs == "trainer" and not old_pass:  # μ = 1, one minibatch: the update's own, detached
-            del batch_dev["old_logp"]
-        if old_pass:  # the parameters that sampled score the batch before the first update moves them
-            t = time.perf_counter()
-            with mesh_context(self.mesh):
-                batch_dev["old_logp"] = self._score(self.params, batch_dev)
-                jax.block_until_ready(batch_dev["old_logp"])
-            old_time = time.perf_counter() - t
-
-        ref_time = 0.0
+        old_time = ref_time = 0.0
+        if old_pass:
+            batch_dev["old_logp"], old_time = self._timed_score(self.params, batch_dev)
         if cfg.loss.beta > 0:
-            t = time.perf_counter()
-            with mesh_context(self.mesh):
-                batch_dev["ref_logp"] = self._score(self.ref_params, batch_dev)
-                jax.block_until_ready(batch_dev["ref_logp"])
-            ref_time = time.perf_counter() - t
+            batch_dev["ref_logp"], ref_time = self._timed_score(self.ref_params, batch_dev)
 
         t = time.perf_counter()
         update_metrics = []
