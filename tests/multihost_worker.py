@@ -48,9 +48,13 @@ def grpo_run(mesh, process_id: int = 0, processes: int = 1):
     """test_trainer's GRPO set-up on `mesh`, STEPS steps, this process taking its share of each
     step's prompts: (trainer, metrics per step)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_trainer import PromptStream, grpo_trainer, initial_params
+    from test_trainer import PromptStream, grpo_trainer, initial_params, rl_config
 
-    trainer = grpo_trainer(initial_params(), mesh=mesh)
+    from r1jax.grpo import GRPOConfig
+
+    # advantages scaled by the std of the whole batch: every process's rewards, not its own
+    loss = GRPOConfig(group_size=4, beta=0.04, num_iterations=2, advantage_scale="batch")
+    trainer = grpo_trainer(initial_params(), rl_config(loss=loss), mesh=mesh)
     stream = PromptStream(trainer.config.prompts_per_step)
 
     def share():

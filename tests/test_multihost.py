@@ -102,10 +102,10 @@ def assert_same_training(parts, trainer, history, metric_names):
 
 @pytest.mark.slow  # three trainers compile (~70 s on 2 cores)
 def test_grpo_steps_on_two_processes_equal_one_process(tmp_path):
-    """test_trainer's GRPO run (β > 0, μ = 2, 2 minibatches of 2 micro-batches) for 3 steps, each process
-    sampling and scoring half of every step's prompts: the parameters and the step metrics (rewards,
-    lengths, KL, clip fractions, …, all of the global batch) equal one process doing all of it on the
-    same (2, 2, 2) mesh."""
+    """test_trainer's GRPO run (β > 0, μ = 2, 2 minibatches of 2 micro-batches, advantages scaled by the
+    batch's std) for 3 steps, each process sampling and scoring half of every step's prompts: the
+    parameters and the step metrics (rewards, lengths, KL, clip fractions, …, all of the global batch)
+    equal one process doing all of it on the same (2, 2, 2) mesh."""
     parts = run_two_processes("grpo", tmp_path)
     assert_same_training(parts, *worker.grpo_run(make_mesh(2, 2, 2)),
                          ("reward/mean", "train/kl", "completion/length_mean", "groups/zero_std_fraction"))

@@ -230,8 +230,11 @@ def a_unless_prompt_starts_late(prompts, completions, **fields):
 def test_dynamic_sampling_trains_on_whole_informative_groups_and_masks_what_it_cannot_fill(initial):
     """DAPO: groups with equal rewards are dropped and more prompts sampled (here up to 3 batches of 4);
     every update sees whole groups (one prompt each, as the shared prompt pass needs) that carry
-    advantages, or fully masked filler groups where the rounds ran out."""
-    config = rl_config(steps=2, dynamic_sampling=True, max_sampling_rounds=3)
+    advantages, or fully masked filler groups where the rounds ran out. With `advantage_scale="batch"`
+    the std is that of the rewards trained on (every round's kept groups; not the dropped groups,
+    not the filler), one std for the whole batch."""
+    loss = GRPOConfig(group_size=4, beta=0.04, num_iterations=2, advantage_scale="batch")
+    config = rl_config(steps=2, dynamic_sampling=True, max_sampling_rounds=3, loss=loss)
     trainer = GRPOTrainer(config, model_from(initial), CharTokenizer(),
                           combine({"r": (a_unless_prompt_starts_late, 1.0)}))
     seen, update = [], trainer._update
@@ -257,6 +260,14 @@ def test_dynamic_sampling_trains_on_whole_informative_groups_and_masks_what_it_c
                 assert (group["advantages"] == 0).all()
                 filler += 1
     assert kept > 0 and filler > 0, (kept, filler)  # both paths ran
+    a_id = 3 + CharTokenizer.alphabet.index("a")
+    for step in range(2):  # the first pass's two minibatches hold the step's whole batch
+        first_pass = seen[4 * step:4 * step + 2]
+        whole = {k: np.concatenate([b[k] for b in first_pass]) for k in ("tokens", "mask", "advantages")}
+        real = whole["mask"].any(axis=1)
+        rewards = np.sum((whole["tokens"] == a_id) & whole["mask"], axis=1)[real] / NEW_TOKENS  # fraction_of_a
+        centred = (rewards.reshape(-1, g) - rewards.reshape(-1, g).mean(axis=1, keepdims=True)).ravel()
+        np.testing.assert_allclose(whole["advantages"][real], centred / (rewards.std() + 1e-6), rtol=1e-5, atol=1e-6)
     for m in history:
         sampled = m["groups/sampled"]
         assert sampled > config.prompts_per_step and 0 < m["groups/zero_std_fraction"] < 1

@@ -224,8 +224,9 @@ class GRPOTrainer:
             t = time.perf_counter()
             rewards, info = self._score_rewards(batch, out)
             times["reward"] = times.get("reward", 0.0) + time.perf_counter() - t
-            adv, adv_info = group_advantages(jnp.asarray(rewards), g, scale=cfg.loss.advantage_scale)
-            adv = np.asarray(adv)
+            # "batch" takes one std over the whole global batch, once it is assembled (below)
+            scale = "none" if cfg.loss.advantage_scale == "batch" else cfg.loss.advantage_scale
+            adv = np.asarray(group_advantages(jnp.asarray(rewards), g, scale=scale)[0])
             group_std = rewards.reshape(-1, g).std(axis=1)
             sampled_groups += len(group_std)
             zero_groups += int(np.sum(group_std == 0))
@@ -237,6 +238,8 @@ class GRPOTrainer:
             if all_processes(sum(len(k["advantages"]) for k in kept) >= local_rows):
                 break
         host = _assemble(kept, local_rows)
+        if cfg.loss.advantage_scale == "batch":
+            host["advantages"] = _batch_scaled_advantages(host, g)
         # The sampler's log-probs serve as π_old only when asked for; with "trainer" and μ = 1, one
         # minibatch, the update takes its own (detached), else the parameters that sampled score the batch
         # before the first update moves them.
@@ -356,6 +359,18 @@ def _assemble(kept: list[dict[str, np.ndarray]], rows: int) -> dict[str, np.ndar
         filler["prompt_mask"][:, 0] = True  # one real slot so positions stay defined
         out = {name: np.concatenate([out[name], filler[name]]) for name in out}
     return out
+
+
+def _batch_scaled_advantages(host: dict[str, np.ndarray], g: int) -> np.ndarray:
+    """This process's advantages with `advantage_scale="batch"`: group-centred rewards divided by the std
+    of the rewards of the batch that is trained on — every process's rows and sampling rounds, the groups
+    dynamic sampling dropped and the filler rows left out (filler advantages stay 0)."""
+    real_groups = host["mask"].reshape(-1, g * host["mask"].shape[1]).any(axis=1)
+    rewards, real = gather_processes((host["rewards"], np.repeat(real_groups, g)))
+    adv = np.zeros(len(rewards), np.float32)
+    if real.any():
+        adv[real] = np.asarray(group_advantages(jnp.asarray(rewards[real]), g, scale="batch")[0])
+    return adv.reshape(jax.process_count(), -1)[jax.process_index()]
 
 
 def _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups, zero_groups) -> dict[str, float]:
