@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
-from r1jax.checkpoint import NonFiniteError
+from r1jax.checkpoint import NonFiniteError, check_finite
 from r1jax.grpo import GRPOConfig
 from r1jax.model import ModelConfig, abstract_model, get_preset, shard_model
 from r1jax.rewards import combine
@@ -27,7 +27,14 @@ from r1jax.sampling import SampleOutput, SamplingConfig
 from r1jax.sharding import make_mesh
 from r1jax.trainers.loop import run_loop
 from r1jax.trainers.optim import OptimConfig, make_optimizer
-from r1jax.trainers.rl import GRPOTrainer, RLConfig, forward_flops, generation_flops, scoring_flops
+from r1jax.trainers.rl import (
+    GRPOTrainer,
+    RLConfig,
+    forward_flops,
+    generation_flops,
+    optimizer_steps,
+    scoring_flops,
+)
 from r1jax.trainers.sft import sft_batch
 from r1jax.trainers.steps import (
     completion_logprobs,
@@ -272,6 +279,35 @@ def test_dynamic_sampling_trains_on_whole_informative_groups_and_masks_what_it_c
         sampled = m["groups/sampled"]
         assert sampled > config.prompts_per_step and 0 < m["groups/zero_std_fraction"] < 1
     assert all(np.isfinite(m["train/loss"]) for m in history)  # filler rows count for nothing in the loss
+
+
+def test_dynamic_sampling_takes_no_optimizer_step_on_filler_only_minibatches(initial):
+    """A minibatch of filler rows alone (dynamic sampling ran out of rounds) has no gradient, but an AdamW
+    step on it would still move the weights by the momentum of earlier steps: it takes no step. A step
+    that keeps no group at all leaves the weights alone and reports no batch or update metrics (no NaN
+    for the non-finite guard to stop the run on)."""
+    config = rl_config(steps=3, dynamic_sampling=True, max_sampling_rounds=1, num_minibatches=4, micro_batches=1,
+                       loss=GRPOConfig(group_size=4, beta=0.0, num_iterations=1))
+    rewards = [fraction_of_a, lambda prompts, completions, **_: [0.5] * len(prompts), a_unless_prompt_starts_late]
+    step_rewards = iter(rewards)
+    trainer = GRPOTrainer(config, model_from(initial), CharTokenizer(),
+                          combine({"r": (lambda *a, **k: current(*a, **k), 1.0)}))
+    stream = PromptStream(config.prompts_per_step, seed=3)
+    params, steps_taken, kept_groups = [], [], []
+    for _ in rewards:
+        current = next(step_rewards)
+        metrics = trainer.step(stream)
+        check_finite(trainer.step_count, metrics)
+        params.append(host(trainer.params))
+        steps_taken.append(optimizer_steps(trainer.opt_state))
+        kept = round(metrics["groups/sampled"] * (1 - metrics["groups/zero_std_fraction"]))
+        assert steps_taken[-1] - (steps_taken[-2] if len(steps_taken) > 1 else 0) == kept  # one group a minibatch
+        assert ("train/loss" in metrics) == ("reward/mean" in metrics) == (kept > 0)
+        kept_groups.append(kept)
+    assert kept_groups[1] == 0 and any(0 < k < 4 for k in kept_groups), kept_groups  # both cases ran
+    assert steps_taken[1] == steps_taken[0] > 0 and steps_taken[2] > steps_taken[1], steps_taken
+    assert max_rel_diff(params[1], params[0]) == 0  # nothing kept: the momentum did not move the weights
+    assert max_rel_diff(params[2], params[1]) > 0
 
 
 # ------------------------------------------------------------------------------------ micro-batches

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -238,8 +239,10 @@ class GRPOTrainer:
             if all_processes(sum(len(k["advantages"]) for k in kept) >= local_rows):
                 break
         host = _assemble(kept, local_rows)
+        # which of the global batch's rows hold data (whole groups; the rest is dynamic sampling's filler)
+        real = np.repeat(gather_processes(host["mask"].reshape(-1, g * host["mask"].shape[1]).any(axis=1)), g)
         if cfg.loss.advantage_scale == "batch":
-            host["advantages"] = _batch_scaled_advantages(host, g)
+            host["advantages"] = _batch_scaled_advantages(host["rewards"], real, g)
         # The sampler's log-probs serve as π_old only when asked for; with "trainer" and μ = 1, one
         # minibatch, the update takes its own (detached), else the parameters that sampled score the batch
         # before the first update moves them.
@@ -265,6 +268,8 @@ class GRPOTrainer:
                 order = (groups[:, None] * g + np.arange(g)).ravel()  # whole groups: prompts run once per group
                 for i in range(cfg.num_minibatches):
                     idx = order[i * mb:(i + 1) * mb]
+                    if not real[idx].any():  # only filler: no step (AdamW's momentum would still move weights)
+                        continue
                     minibatch = batch_dev if cfg.num_minibatches == 1 else {k: v[idx] for k, v in batch_dev.items()}
                     params, opt_state, m = self._update(params, opt_state, minibatch)
                     update_metrics.append(m)
@@ -283,12 +288,11 @@ class GRPOTrainer:
         sampled_groups, zero_groups, flops = sum_processes(np.asarray([sampled_groups, zero_groups, flops]))
         metrics = _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups, zero_groups)
         metrics["time/old_logp"] = old_time
-        metrics["train/lr"] = float(self.schedule(self.step_count * updates_per_step(cfg) - 1))
+        metrics["train/lr"] = float(self.schedule(max(optimizer_steps(self.opt_state) - 1, 0)))  # the last update's
         metrics["time/step"] = time.perf_counter() - t0
         metrics["tokens_per_s"] = float(host["lengths"].sum()) / metrics["time/step"]
         # Model FLOPs of the work done on the real rows (whole groups: filler rows come in groups):
         # reference forward (β > 0) and μ passes of forward + backward (3 × forward), on top of generation.
-        real = host["mask"].any(axis=1)
         prompt_lengths, lengths = host["prompt_mask"][real].sum(1), host["lengths"][real]
         update_run = prompt_run(g, rows // cfg.num_minibatches, cfg.micro_batches)
         flops += 3 * cfg.loss.num_iterations * scoring_flops(self.model_config, prompt_lengths, lengths, update_run)
@@ -297,6 +301,11 @@ class GRPOTrainer:
         if self._peak_flops is not None:
             metrics["perf/mfu"] = metrics["perf/flops_per_s"] / (self._peak_flops * self._num_devices)
         return metrics
+
+
+def optimizer_steps(opt_state) -> int:
+    """How many updates the optimizer has applied (optax's step count, as its schedule reads it)."""
+    return int(optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1])
 
 
 def updates_per_step(cfg: RLConfig) -> int:
@@ -361,12 +370,11 @@ def _assemble(kept: list[dict[str, np.ndarray]], rows: int) -> dict[str, np.ndar
     return out
 
 
-def _batch_scaled_advantages(host: dict[str, np.ndarray], g: int) -> np.ndarray:
+def _batch_scaled_advantages(local_rewards: np.ndarray, real: np.ndarray, g: int) -> np.ndarray:
     """This process's advantages with `advantage_scale="batch"`: group-centred rewards divided by the std
     of the rewards of the batch that is trained on — every process's rows and sampling rounds, the groups
-    dynamic sampling dropped and the filler rows left out (filler advantages stay 0)."""
-    real_groups = host["mask"].reshape(-1, g * host["mask"].shape[1]).any(axis=1)
-    rewards, real = gather_processes((host["rewards"], np.repeat(real_groups, g)))
+    dynamic sampling dropped and the filler rows (`real` false; their advantages stay 0) left out."""
+    rewards = gather_processes(local_rewards)
     adv = np.zeros(len(rewards), np.float32)
     if real.any():
         adv[real] = np.asarray(group_advantages(jnp.asarray(rewards[real]), g, scale="batch")[0])
@@ -374,14 +382,9 @@ def _batch_scaled_advantages(host: dict[str, np.ndarray], g: int) -> np.ndarray:
 
 
 def _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups, zero_groups) -> dict[str, float]:
-    real = host["mask"].any(axis=1)
-    lengths = host["lengths"][real]
+    """The step's metrics. The batch's (rewards, lengths) and the updates' (`train/*`) are left out when
+    there is nothing to describe: dynamic sampling kept no group, so no update ran."""
     metrics: dict[str, float] = {
-        "reward/mean": float(host["rewards"][real].mean()) if real.any() else float("nan"),
-        "reward/std": float(host["rewards"][real].std()) if real.any() else float("nan"),
-        "completion/length_mean": float(lengths.mean()) if real.any() else 0.0,
-        "completion/length_max": float(lengths.max()) if real.any() else 0.0,
-        "completion/truncated": float(host["truncated"][real].mean()) if real.any() else 0.0,
         "groups/zero_std_fraction": zero_groups / max(sampled_groups, 1),
         "groups/sampled": float(sampled_groups),
         "time/generate": times.get("generate", 0.0),
@@ -389,13 +392,21 @@ def _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups
         "time/reference": ref_time,
         "time/update": times.get("update", 0.0),
     }
+    real = host["mask"].any(axis=1)
+    if real.any():
+        lengths = host["lengths"][real]
+        metrics.update({
+            "reward/mean": float(host["rewards"][real].mean()), "reward/std": float(host["rewards"][real].std()),
+            "completion/length_mean": float(lengths.mean()), "completion/length_max": float(lengths.max()),
+            "completion/truncated": float(host["truncated"][real].mean()),
+        })
     for name, col in columns.items():
         judged = col[~np.isnan(col)]  # NaN: not judged by this reward
         if judged.size:
             metrics[f"reward/{name}"] = float(np.mean(judged))
             metrics[f"reward/{name}_std"] = float(np.std(judged))
     stacked = jax.device_get(update_metrics)
-    for k in stacked[0]:
+    for k in stacked[0] if stacked else ():
         values = np.asarray([m[k] for m in stacked], np.float64)
         metrics[f"train/{k}"] = float(values.max() if k.endswith("_max") else values.min() if k.endswith("_min")
                                       else values.mean())
