@@ -152,8 +152,10 @@ def _top_k_top_p(x: jax.Array, config: SamplingConfig) -> jax.Array:
     if config.top_p < 1.0:
         # Keep a token iff the mass strictly more likely than it is < top_p (always keeps the top one).
         # After top-k only the k survivors matter: no full-vocabulary sort (slow on XLA:CPU).
+        # Top-k keeps ties with the k-th logit, so the k sorted values may not be all it kept: their
+        # probabilities are normalised over every kept token.
         sorted_desc = top if config.top_k else -jnp.sort(-x, axis=-1)
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        probs = jnp.exp(sorted_desc - jax.nn.logsumexp(x, axis=-1, keepdims=True))
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         kept = mass_before < config.top_p
         threshold = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)

@@ -286,6 +286,18 @@ def test_top_p_keeps_the_top_token_even_when_it_alone_exceeds_p():
     assert int(tokens[0]) == 1 and abs(float(logp[0])) < 1e-7
 
 
+def test_top_p_after_top_k_counts_the_mass_of_tokens_tied_with_the_kth():
+    """Top-k keeps every token tied with the k-th logit; top-p then measures mass over all of them (float64
+    rule: keep a token iff the mass of the strictly more likely ones is < top_p). Normalising over the k
+    sorted values alone overstated the top token's mass (0.73 for 0.58) and dropped both tied tokens."""
+    logits = np.array([1.0, 2.0, -5.0, 1.0, 0.0])  # top-2 keeps ids 1, 0 and 3 (tied with the 2nd)
+    probs = np.exp(logits[[1, 0, 3]] - np.log(np.exp(logits[[1, 0, 3]]).sum()))
+    mass_before = {1: 0.0, 0: probs[0], 3: probs[0]}  # tied tokens: only the top one is strictly more likely
+    config = SamplingConfig(max_new_tokens=1, top_k=2, top_p=0.7)
+    kept = np.asarray(sampling.filter_logits(jnp.asarray(logits[None], jnp.float32), config)[0]) > -np.inf
+    np.testing.assert_array_equal(np.flatnonzero(kept), sorted(i for i, m in mass_before.items() if m < 0.7))
+
+
 # ------------------------------------------------------------------------------------ stopping
 
 
