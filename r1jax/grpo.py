@@ -482,7 +482,8 @@ def grpo_loss(
       num_tokens: valid tokens in the WHOLE batch; divides "token_mean" and the token metrics.
         Default: this call's own count. Get both from `batch_counts(full_mask)`. With them, the
         losses and gradients of micro-batches / data-parallel shards sum to the full batch's.
-      logits: optional [B, T, V] policy logits, only to report the mean entropy (no gradient).
+      logits: optional [B, T, V] policy logits, only to report the mean entropy (no gradient): those
+        `logp` came from, divided by the sampling temperature (the metric is softmax(logits)'s entropy).
       entropy: optional [B, T] per-token entropy (e.g. from `chunked_token_logprobs`), instead.
 
     Returns:
