@@ -337,7 +337,9 @@ class GRPOConfig:
       max_completion_length L_max  Dr.GRPO's constant normaliser (the generation budget); required
                                    by "seq_mean_token_sum_norm", ignored otherwise.
       advantage_scale       "group" (R1: divide by the group std), "batch", or "none" (Dr.GRPO):
-                                   the `scale` the trainer passes to `group_advantages`.
+                                   the `scale` of `group_advantages`. The GRPO trainer takes the
+                                   "batch" std over the whole batch it trains on (every process's
+                                   rows and sampling round), not over one process's or one round's.
 
     Presets (`GRPOConfig.preset(name, **overrides)`, table in `PRESETS`):
       grpo     DeepSeekMath/R1: ε = 0.2 symmetric, β = 0.001, k3, token ratio, seq_mean_token_mean,
