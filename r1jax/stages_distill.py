@@ -97,11 +97,11 @@ def distill_examples(ctx: RunContext, section, stage_dir: Path) -> tuple[list[di
                 raise ValueError(f"{section.traces_path}:{i + 1}: need 'question' and 'completion'; got {sorted(row)}")
             record = {**gold.get(row["question"], {}), **row}
             fields = {k: [v] for k, v in record.items() if k not in ("question", "completion")}
-            score = grade([row["question"]], [row["completion"]], **fields)[0] if record.get("answer") else None
+            graded = record.get("answer") not in (None, "")  # (an answer of 0 is one)
+            score = grade([row["question"]], [row["completion"]], **fields)[0] if graded else None
             samples.append({"question": row["question"], "completion": row["completion"],
                             "correct": None if score is None else score > 0.5})
-        if any(s["correct"] is None for s in samples):
-            fcfg = dataclasses.replace(fcfg, require_correct=False)
+        fcfg = dataclasses.replace(fcfg, keep_ungraded=True)  # traces without a gold answer stay; wrong ones go
         source = section.traces_path
     else:
         model, tok, source = teacher(ctx)

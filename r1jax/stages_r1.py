@@ -360,8 +360,7 @@ def cold_start_examples(ctx: RunContext, model: nnx.Module, section) -> tuple[li
     if section.data_path:
         samples = [_user_example(ctx, row, f"{section.data_path}:{i + 1}")
                    for i, row in enumerate(read_jsonl(Path(section.data_path)))]
-        if any(x["correct"] is None for x in samples):  # no gold answers to check against: keep ungraded rows
-            fcfg = dataclasses.replace(fcfg, require_correct=False)
+        fcfg = dataclasses.replace(fcfg, keep_ungraded=True)  # rows without a gold answer stay; wrong ones go
         kept, counts = filter_samples(samples, fcfg, per_prompt=section.per_prompt)
         return kept, {"data/source": section.data_path, **{f"data/{k}": v for k, v in counts.items()}}
 

@@ -294,3 +294,45 @@ def test_param_hash_is_the_same_on_every_mesh_and_sees_every_element():
         assert param_hash(state) != digest
     leaf[...] = jnp.asarray(value)
     assert param_hash(state) == digest
+
+
+# ------------------------------------------------------------------------------------ user-supplied data
+
+
+def grading_rows():
+    """A right answer, a wrong one (answer 0, falsy, still a gold answer) and a question with no answer."""
+    return [
+        {"question": "Compute 2 + 3", "answer": "5", "reasoning": "2+3=5", "summary": "The answer is \\boxed{5}."},
+        {"question": "Compute 4 - 4", "answer": 0, "reasoning": "4-4=1", "summary": "The answer is \\boxed{1}."},
+        {"question": "Say hello.", "reasoning": "A greeting.", "summary": "Hello!"},
+    ]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_user_cold_start_and_trace_files_drop_wrong_answers_and_keep_ungraded_rows(tmp_path):
+    """A cold-start file or a distillation trace file may mix gradable and ungradable questions: rows
+    without a gold answer are kept, rows graded wrong still go (one ungraded row used to switch the
+    correctness filter off for the whole file)."""
+    from configs import distill, r1
+    from r1jax.data.templates import format_cold_start
+    from r1jax.pipeline import RunContext
+    from r1jax.stages_distill import distill_examples
+    from r1jax.stages_r1 import cold_start_examples
+
+    c = r1.get_config()
+    c.cold_start.data_path = write_jsonl(tmp_path / "cold.jsonl", grading_rows())
+    kept, stats = cold_start_examples(RunContext(c, tmp_path / "r1"), None, c.cold_start)
+    assert [k["question"] for k in kept] == ["Compute 2 + 3", "Say hello."]
+    assert [k["correct"] for k in kept] == [True, None] and stats["data/incorrect"] == 1
+
+    c = distill.get_config()
+    traces = [{"question": r["question"], "completion": format_cold_start(r["reasoning"], r["summary"]),
+               **({"answer": r["answer"]} if "answer" in r else {})} for r in grading_rows()]
+    c.distill.traces_path = write_jsonl(tmp_path / "traces.jsonl", traces)
+    kept, stats = distill_examples(RunContext(c, tmp_path / "distill"), c.distill, tmp_path / "stage")
+    assert stats["data/kept"] == 2 and stats["data/incorrect"] == 1  # (general examples are added after)
+    assert [k["question"] for k in kept[:2]] == ["Compute 2 + 3", "Say hello."]

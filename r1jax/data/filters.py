@@ -50,8 +50,10 @@ class FilterConfig:
         detect nothing, skip the mixed-language rule.
       max_paragraph_chars: longest paragraph allowed (0 disables the rule). Not given by the paper.
       drop_code_blocks: drop samples with code blocks (R1 does, for reasoning data).
-      require_correct: drop samples graded incorrect (a sample with `correct` None is kept only
-        when this is False).
+      require_correct: drop samples graded incorrect (`correct` False) and, unless `keep_ungraded`,
+        those that could not be graded (`correct` None: no gold answer).
+      keep_ungraded: with `require_correct`, keep the samples that have no grade (a user's file that
+        mixes math with questions of no checkable answer); those graded incorrect are still dropped.
       require_format: the completion must parse in `format` ("r1": special-token reasoning and
         summary; "r1_zero": think/answer tags; "any": either; "none": no check).
       max_chars: longest completion allowed (0 disables).
@@ -63,6 +65,7 @@ class FilterConfig:
     max_paragraph_chars: int = 1000
     drop_code_blocks: bool = True
     require_correct: bool = True
+    keep_ungraded: bool = False
     require_format: str = "r1"
     max_chars: int = 0
     check_arithmetic: bool = True
@@ -144,7 +147,8 @@ def reject_reason(sample: Mapping[str, Any], config: FilterConfig = FilterConfig
     completion = sample["completion"]
     if not isinstance(completion, str):
         return "format"
-    if config.require_correct and not sample.get("correct"):
+    correct = sample.get("correct")
+    if config.require_correct and not correct and not (correct is None and config.keep_ungraded):
         return "incorrect"
     if not follows_format(completion, config.require_format, config.special_token):
         return "format"
