@@ -122,11 +122,14 @@ def reasoning_records(ctx: RunContext, split: str) -> list[dict[str, Any]]:
     return [{**r, "kind": "reasoning"} for r in ctx.records(split)]
 
 
-def completion_ids(tok, text: str) -> list[int]:
-    """Token ids of a completion as they follow its prompt (sentencepiece adds the joining space itself)."""
+def completion_ids(tok, prompt: str, text: str) -> list[int]:
+    """Token ids (EOS last) of completion `text` as it follows `prompt`: joined by one space unless either
+    side already has one there — a sampled completion decoded by a byte-level BPE keeps the space the
+    model drew, a chat template's prompt ends in a newline (sentencepiece adds the joining space itself)."""
     from r1jax.data.tokenizer import SentencePieceTokenizer
 
-    return tok.encode(text if isinstance(tok, SentencePieceTokenizer) else " " + text, add_eos=True)
+    joined = isinstance(tok, SentencePieceTokenizer) or text[:1].isspace() or prompt[-1:].isspace()
+    return tok.encode(text if joined else " " + text, add_eos=True)
 
 
 def sampling_config(section, tok, *, temperature: float | None = None) -> SamplingConfig:
@@ -200,8 +203,9 @@ def train_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path, section, exam
               template: str) -> tuple[SFTTrainer, list[dict[str, float]]]:
     """SFT on {question, completion} examples under `template`'s prompt; resumes from the stage's checkpoints."""
     c, tok = ctx.config, ctx.tokenizer
-    pairs = [(tok.encode(format_prompt(template, ex["question"], tokenizer=tok), add_bos=True),
-              completion_ids(tok, ex["completion"])) for ex in examples]
+    prompts = [format_prompt(template, ex["question"], tokenizer=tok) for ex in examples]
+    pairs = [(tok.encode(prompt, add_bos=True), completion_ids(tok, prompt, ex["completion"]))
+             for prompt, ex in zip(prompts, examples, strict=True)]
     cfg = SFTConfig(steps=section.steps, batch_size=section.batch_size, optim=optim_config(section, section.steps),
                     micro_batches=section.micro_batches, max_length=section.max_length, seed=c.seed)
     trainer = SFTTrainer(cfg, model, pad_id=tok.pad_id, mesh=ctx.mesh)

@@ -95,6 +95,26 @@ def test_hf_tokenizer_folder(tmp_path):
 
     assert format_prompt("chat", "Q", tokenizer=tok) == prompt
     assert tok.encode(prompt)[:2] == [1, 4]  # specials in the rendered text map to their ids, no extra BOS
+    assert tok.encode(prompt, add_bos=True)[:2] == [1, 4]  # nor when the pipeline asks for one (a second BOS)
+    assert tok.encode("Q", add_bos=True)[0] == 1
+
+
+def test_sft_completion_ids_are_the_sampled_ids_after_a_prompt(tmp_path):
+    """A sampled completion, decoded and encoded again for SFT (rejection sampling, distillation), gives
+    the ids the model drew: byte-level BPE keeps the space drawn after "Assistant:", which must not be
+    doubled; a text without it (a user's trace) is joined by one; a chat prompt ends in a newline."""
+    from r1jax.data.templates import format_prompt
+    from r1jax.stages_r1 import completion_ids
+
+    tok = load_hf_tokenizer(_hf_folder(tmp_path, "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"))
+    prompt = format_prompt("r1_zero", "What is 2 + 3?")
+    prompt_ids = tok.encode(prompt)
+    drawn = tok.encode(prompt + " <think> 2 + 3 = 5 </think> <answer> 5 </answer>")[len(prompt_ids):]
+    assert tok.encode(prompt + tok.decode(drawn)) == prompt_ids + drawn  # the decoded text keeps the space
+    assert completion_ids(tok, prompt, tok.decode(drawn)) == drawn + [tok.eos_id]
+    assert completion_ids(tok, prompt, tok.decode(drawn).lstrip()) == drawn + [tok.eos_id]
+    chat = format_prompt("chat", "What is 2 + 3?", tokenizer=tok)
+    assert chat.endswith("\n") and completion_ids(tok, chat, "5") == tok.encode("5", add_eos=True)
 
 
 def test_hf_tokenizer_without_template_or_pad(tmp_path):

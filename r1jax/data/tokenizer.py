@@ -55,7 +55,7 @@ class Tokenizer(Protocol):
 def _with_specials(
     ids: list[int], bos: int | None, eos: int | None, add_bos: bool, add_eos: bool
 ) -> list[int]:
-    if add_bos and bos is not None:
+    if add_bos and bos is not None and ids[:1] != [bos]:  # a chat template may have rendered it already
         ids = [bos, *ids]
     if add_eos:
         if eos is None:
@@ -226,9 +226,10 @@ def _token_content(value: Any) -> str | None:
 class HFTokenizer:
     """An HF tokenizer folder (tokenizer.json + tokenizer_config.json) behind the `Tokenizer` protocol.
 
-    `encode` never applies the folder's post-processor (BOS is added only when asked), so that
-    prompts rendered by a chat template, which already contain their special tokens, are not given
-    a second BOS. `decode` drops special tokens unless `skip_special_tokens=False`.
+    `encode` never applies the folder's post-processor (BOS is added only when asked, and not to a
+    text that already begins with it), so that prompts rendered by a chat template, which contain
+    their special tokens, are not given a second BOS. `decode` drops special tokens unless
+    `skip_special_tokens=False`.
     """
 
     def __init__(
