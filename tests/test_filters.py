@@ -105,6 +105,9 @@ def test_wrong_equations():
     assert wrong_equations("6+2=7, 7-8=0") == 2  # the answer 0 is "right" by luck
     assert wrong_equations("3 × 4 = 12 and 10 - 3 = 8") == 1
     assert wrong_equations("x+1=2, 1.5+1=2.5, 12+1=135 is not 13") == 1  # floats and variables are not checked
+    # a binary piece of a longer expression is not an equation of its own (3+4=10 is not claimed here)
+    assert wrong_equations("2*3+4=10, 10-2+3=11, 3+4*2=11, 2 + 3 = 4 + 1, 12/4+1=4, (1+2)*3 = 9") == 0
+    assert wrong_equations("so 2 * 3 = 7 and x = 2+3 = 6") == 2
     lucky = sample(f"{S} 6+2=7, 7-8=0 {S} The answer is \\boxed{{0}}.")
     assert reject_reason(lucky) == "wrong_step"
     assert reject_reason(lucky, FilterConfig(check_arithmetic=False)) is None

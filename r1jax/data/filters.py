@@ -39,6 +39,7 @@ _HTML_CODE = re.compile(r"<(pre|code)\b[^>]{0,64}>", re.IGNORECASE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 # An integer equation `a op b = c` (op one of + - * ×), not preceded or followed by more digits.
 _EQUATION = re.compile(r"(?<![\d.])(-?\d{1,12})\s*([-+*×])\s*(-?\d{1,12})\s*=\s*(-?\d{1,24})(?![\d.])")
+_CHAIN = tuple("+-*×/÷^(")  # an operator (or bracket) next to an equation's side: a longer expression
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +120,17 @@ def code_block(text: str) -> bool:
 
 
 def wrong_equations(text: str) -> int:
-    """How many integer equations `a op b = c` (+, -, *, ×) in `text` are false."""
+    """How many integer equations `a op b = c` (+, -, *, ×) in `text` are false. One that is part of a
+    longer expression (`2*3+4=10`, `2+3=4+1`, `12/4+1=4`) is not checked: its `a op b` is not the
+    whole side of the equation."""
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "×": lambda a, b: a * b}
-    return sum(ops[op](int(a), int(b)) != int(c) for a, op, b, c in _EQUATION.findall(text))
+    wrong = 0
+    for m in _EQUATION.finditer(text):
+        if text[:m.start()].rstrip().endswith(_CHAIN) or text[m.end():].lstrip().startswith((*_CHAIN, "=")):
+            continue
+        a, op, b, c = m.groups()
+        wrong += ops[op](int(a), int(b)) != int(c)
+    return wrong
 
 
 def follows_format(completion: str, fmt: str, special_token: str = DEFAULT_SPECIAL_TOKEN) -> bool:
