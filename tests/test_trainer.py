@@ -414,6 +414,19 @@ def test_a_run_of_rows_with_one_prompt_runs_it_once_with_the_same_log_probs_and_
 # ------------------------------------------------------------------------------------ FLOPs
 
 
+def test_sft_batch_cuts_each_pair_to_max_length_whatever_else_is_in_the_batch():
+    """max_length bounds each pair's prompt + completion: a pair that fits keeps every token, EOS included,
+    beside a longer prompt; a prompt over half of max_length is fine; one that fills it is an error."""
+    short, long_prompt = ([1, 3], list(range(3, 13))), (list(range(3, 15)), [4, 5])  # 2 + 10 and 12 + 2 tokens
+    rows = sft_batch([short, long_prompt], pad_id=0, max_length=14)
+    assert rows["tokens"][0][rows["mask"][0]].tolist() == short[1]
+    assert rows["prompt_tokens"][1][rows["prompt_mask"][1]].tolist() == long_prompt[0]
+    cut = sft_batch([([1] * 9, list(range(3, 13)))], pad_id=0, max_length=14)  # 9 + 10 > 14: 5 kept
+    assert cut["tokens"][0][cut["mask"][0]].tolist() == [3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="pair 1: a prompt of 14 tokens leaves no room under sft.max_length=14"):
+        sft_batch([short, ([1] * 14, [2])], pad_id=0, max_length=14)
+
+
 def test_forward_flops_sum_flops_per_token_over_positions():
     head = 2 * MODEL.vocab_size * MODEL.hidden_size
     assert MODEL.flops_per_token(9) - MODEL.flops_per_token(9, head=False) == head

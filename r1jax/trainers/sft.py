@@ -49,30 +49,41 @@ def sft_batch(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, max_length: int,
     longest: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Right-padded prompt slots and completion slots, each bucketed; completions cut to fit max_length.
+    """Right-padded prompt slots and completion slots, each bucketed; each pair's completion cut so that
+    its prompt + completion holds at most max_length tokens.
 
-    longest: the (prompt, completion) lengths to bucket for, instead of these pairs' own longest (on
-    several hosts: the longest over all of them, so that every process pads to the same shapes).
+    The cut is per pair, whatever else is in the batch: a pair that fits keeps every token. A row can
+    then hold more than max_length slots (up to twice: a long prompt and a long completion of other
+    pairs in one batch), never more than max_length real tokens.
+
+    longest: the (prompt, kept completion) lengths to bucket for, instead of these pairs' own
+    (`longest_lengths`; on several hosts the maximum over all of them, so every process pads alike).
     """
     if not pairs:
         raise ValueError("sft_batch needs at least one (prompt, completion) pair")
-    prompt_max, completion_max = longest or (max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs))
-    p_len = bucket(prompt_max, 8)
-    if p_len >= max_length:
-        raise ValueError(f"a prompt of {prompt_max} tokens leaves no room under sft.max_length={max_length}")
-    c_len = min(bucket(completion_max, 8), max_length - p_len)
+    for i, (p, _) in enumerate(pairs):
+        if not len(p):
+            raise ValueError(f"pair {i}: the prompt is empty (use [bos] for unconditional text)")
+        if len(p) >= max_length:
+            raise ValueError(f"pair {i}: a prompt of {len(p)} tokens leaves no room under sft.max_length={max_length}")
+    prompt_max, completion_max = longest or longest_lengths(pairs, max_length)
+    p_len, c_len = (min(bucket(n, 8), max_length) for n in (prompt_max, completion_max))
     b = len(pairs)
     out = {
         "prompt_tokens": np.full((b, p_len), pad_id, np.int32), "prompt_mask": np.zeros((b, p_len), bool),
         "tokens": np.full((b, c_len), pad_id, np.int32), "mask": np.zeros((b, c_len), bool),
     }
     for i, (p, c) in enumerate(pairs):
-        if not len(p):
-            raise ValueError(f"pair {i}: the prompt is empty (use [bos] for unconditional text)")
-        c = list(c)[:c_len]
+        c = list(c)[:max_length - len(p)]
         out["prompt_tokens"][i, :len(p)], out["prompt_mask"][i, :len(p)] = p, True
         out["tokens"][i, :len(c)], out["mask"][i, :len(c)] = c, True
     return out
+
+
+def longest_lengths(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> tuple[int, int]:
+    """(longest prompt, longest completion as `sft_batch` cuts it) of `pairs`; (0, 0) for none."""
+    return (max((len(p) for p, _ in pairs), default=0),
+            max((min(len(c), max_length - len(p)) for p, c in pairs), default=0))
 
 
 class SFTTrainer:
@@ -101,7 +112,7 @@ class SFTTrainer:
     def step(self, next_batch: Callable[[], Sequence[tuple[Sequence[int], Sequence[int]]]]) -> dict[str, float]:
         """One optimizer step on the next batch of (prompt ids, completion ids) pairs."""
         pairs = next_batch()
-        longest = np.asarray([[max((len(p) for p, _ in pairs), default=0), max((len(c) for _, c in pairs), default=0)]])
+        longest = np.asarray([longest_lengths(pairs, self.config.max_length)])
         longest = tuple(int(n) for n in gather_processes(longest).max(0))  # this process's own, on one host
         rows = sft_batch(pairs, self.pad_id, self.config.max_length, longest)
         batch = {k: global_rows(v, self.mesh) for k, v in rows.items()}
