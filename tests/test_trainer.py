@@ -479,16 +479,17 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(init
         return real_step(batches)
 
     trainer.step = step
+    evaluate = lambda _: {"eval/pass@1_stderr": float("nan")}  # one problem: no standard error, not a bad step
     try:
-        with pytest.raises(NonFiniteError, match=r"step 3: non-finite metrics \[.*'train/loss'") as raised:
+        with pytest.raises(NonFiniteError, match=r"step 3: non-finite metrics \['train/.*'train/loss'") as raised:
             run_loop(trainer, PromptStream(trainer.config.prompts_per_step), steps=6, workdir=tmp_path,
-                     save_every=1, keep=5)
+                     save_every=1, keep=5, evaluate=evaluate, eval_every=1)
     finally:
         del trainer.step
     assert "the last good checkpoint is kept" in str(raised.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["eval/pass@1_stderr"] is None for r in rows)  # (JSON null)
 
 
 def ynn_dots(compiled) -> int:

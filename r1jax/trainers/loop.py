@@ -1,9 +1,10 @@
 """The loop around a trainer's `step`: resume, evaluate, guard, log, checkpoint, stop on preemption.
 
-Per step, in this order: train step → (every N steps) evaluation → `check_finite` → metrics →
-checkpoint. The finiteness check comes before the save, so a NaN step raises before it can rotate
-the last good checkpoint out; SIGTERM (TPU preemption) saves the current step and raises
-`Preempted`, which the CLI turns into exit code 0.
+Per step, in this order: train step → `check_finite` of its metrics → (every N steps) evaluation →
+metrics → checkpoint. The finiteness check comes before the save, so a NaN step raises before it
+can rotate the last good checkpoint out; evaluation statistics are not checked (a standard error
+over one problem is NaN, and says nothing about the weights). SIGTERM (TPU preemption) saves the
+current step and raises `Preempted`, which the CLI turns into exit code 0.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def run_loop(
             while trainer.step_count < steps:
                 metrics = trainer.step(lambda: next(iterator))
                 step = trainer.step_count
+                check_finite(step, metrics)
                 if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps):
                     metrics.update(evaluate(trainer))
-                check_finite(step, metrics)
                 writer.write(step, metrics)
                 progress.update(step, metrics)
                 history.append(metrics)
