@@ -1,6 +1,7 @@
 """The transformer against HF transformers (torch CPU): logits, KV-cache decode, export round trip."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,40 @@ def test_sharded_export_writes_index_and_reloads(tmp_path):
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(again(x)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert rel_err(model(x), hf_logits(hf, np.asarray(x))) <= TOL
+
+
+def test_export_over_an_earlier_export_leaves_only_the_new_weights(tmp_path):
+    """Sharded after single and single after sharded: the earlier files would shadow the new weights
+    (transformers prefers model.safetensors, load_hf the index), so they go; the special ids of a
+    tokenizer reach config.json and generation_config.json."""
+    old, new = (init_model(get_preset("tiny-llama"), seed=s) for s in (0, 1))
+    x = jnp.asarray(tokens(1, 8))
+    for first, second in (({}, {"max_shard_bytes": 40_000}), ({"max_shard_bytes": 40_000}, {})):
+        out = tmp_path / f"export{len(first)}"
+        save_hf(old, out, **first)
+        (out / "notes.safetensors.txt").write_text("kept")  # not a weight file of ours
+        save_hf(new, out, tokenizer=types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0), **second)
+        assert (out / "model.safetensors.index.json").exists() == bool(second) != (out / "model.safetensors").exists()
+        assert (out / "notes.safetensors.txt").exists()
+        np.testing.assert_array_equal(np.asarray(load_hf(out)(x)), np.asarray(new(x)))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+        assert rel_err(new(x), hf_logits(hf, np.asarray(x))) <= TOL
+        generation = transformers.GenerationConfig.from_pretrained(out)
+        assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
+        assert (hf.config.bos_token_id, hf.config.eos_token_id) == (1, 2)
+
+
+def test_corrupt_weights_and_null_config_fields_are_errors_that_name_the_file(tmp_path):
+    out = save_hf(init_model(get_preset("tiny-llama"), seed=0), tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_attention_heads": None}))
+    with pytest.raises(ValueError, match=r"config\.json: cannot read model config"):
+        load_hf(out)
+    (out / "config.json").write_text(json.dumps(config))
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_hf(out)
 
 
 def test_bench_preset_matches_workload_parameter_count():

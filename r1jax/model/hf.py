@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from r1jax.model.transformer import Transformer
 from r1jax.sharding import DEFAULT_RULES, ShardingRules
 
 INDEX_FILE = "model.safetensors.index.json"
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the names `save_hf` (and transformers) write
 
 Convert = Callable[[np.ndarray], np.ndarray]
 
@@ -86,9 +88,17 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{folder}: no *.safetensors files (and no {INDEX_FILE})")
     names = {}
     for f in files:
-        with safe_open(f, framework="numpy") as st:
+        with _open_safetensors(f) as st:
             names.update({n: f for n in st.keys()})
     return names
+
+
+def _open_safetensors(file: Path):
+    """`safe_open(file)`; a truncated or corrupt file is a ValueError that names it."""
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # safetensors raises its own SafetensorError, not an OSError
+        raise ValueError(f"{file}: not a readable safetensors file ({e}); download or export it again") from e
 
 
 def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
@@ -97,7 +107,7 @@ def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
         raise FileNotFoundError(f"{config} does not exist: an HF checkpoint folder needs config.json")
     try:
         return from_hf_config(json.loads(config.read_text()), **overrides)
-    except (KeyError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, json.JSONDecodeError) as e:  # TypeError: a field of the wrong type, or null
         raise ValueError(f"{config}: cannot read model config ({type(e).__name__}: {e})") from e
 
 
@@ -123,7 +133,7 @@ def load_hf(
             if name not in files:
                 raise KeyError(f"{folder}: tensor {name!r} is missing from the checkpoint")
             if files[name] not in handles:
-                handles[files[name]] = safe_open(files[name], framework="numpy").__enter__()
+                handles[files[name]] = _open_safetensors(files[name]).__enter__()
             raw = handles[files[name]].get_tensor(name)
             if tuple(raw.shape) != hf_shape:
                 raise ValueError(
@@ -157,8 +167,16 @@ def save_hf(
     max_shard_bytes: int = 5 * 2**30,
     dtype: str | None = None,
     extra_config: dict | None = None,
+    tokenizer=None,
 ) -> Path:
-    """Write `model` as an HF folder (config.json + safetensors); only process 0 writes."""
+    """Write `model` as an HF folder (config.json + safetensors); only process 0 writes.
+
+    Weight files of an earlier export into the same folder that this one does not rewrite (a single
+    file after shards, or the reverse) are removed once the new ones are written: left there, they
+    would shadow the new weights for one loader or the other. `tokenizer` (anything with `bos_id`,
+    `eos_id`, `pad_id`): its special ids go into config.json and a generation_config.json, so that
+    `generate` in transformers stops at its EOS.
+    """
     cfg: ModelConfig = model.cfg
     folder = Path(path)
     state = nnx.state(model)
@@ -177,8 +195,10 @@ def save_hf(
         shards[-1][name] = t
         size += t.nbytes
     meta = {"format": "pt"}
+    stale = {f for f in folder.glob("model*.safetensors") if _WEIGHT_FILE.fullmatch(f.name)} | {folder / INDEX_FILE}
     if len(shards) == 1:
         save_file(shards[0], folder / "model.safetensors", metadata=meta)
+        written = {folder / "model.safetensors"}
     else:
         n = len(shards)
         weight_map = {}
@@ -189,8 +209,15 @@ def save_hf(
         total = sum(t.nbytes for t in tensors.values())
         (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                     indent=2))
-    hf = to_hf_config(cfg, **(extra_config or {}))
+        written = {folder / f for f in weight_map.values()} | {folder / INDEX_FILE}
+    for f in stale - written:
+        f.unlink(missing_ok=True)
+    special = {} if tokenizer is None else {
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    hf = to_hf_config(cfg, **special, **(extra_config or {}))
     hf["torch_dtype"] = str(dtype)
     (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    if special:
+        (folder / "generation_config.json").write_text(json.dumps(special, indent=2))
     return folder
 
