@@ -117,6 +117,18 @@ def test_sft_completion_ids_are_the_sampled_ids_after_a_prompt(tmp_path):
     assert chat.endswith("\n") and completion_ids(tok, chat, "5") == tok.encode("5", add_eos=True)
 
 
+def test_chat_templates_render_with_transformers_environment(tmp_path):
+    """Loop controls, strftime_now and tools=None, as transformers' apply_chat_template provides them
+    (newer Qwen templates use {% break %}, Llama 3's puts today's date in its system line)."""
+    import datetime
+
+    template = ("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m['content'] }}{% endfor %}"
+                "|{{ strftime_now('%Y') }}|{{ tools is none }}|{{ {'b': 1, 'a': [2]} | tojson(sort_keys=True) }}")
+    tok = load_hf_tokenizer(_hf_folder(tmp_path, template))
+    text = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}])
+    assert text == f'x|{datetime.date.today().year}|True|{{"a": [2], "b": 1}}'
+
+
 def test_hf_tokenizer_without_template_or_pad(tmp_path):
     folder = _hf_folder(tmp_path, None)
     (folder / "special_tokens_map.json").unlink()
