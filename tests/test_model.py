@@ -165,6 +165,22 @@ def test_corrupt_weights_and_null_config_fields_are_errors_that_name_the_file(tm
         load_hf(out)
 
 
+def test_a_sliding_window_over_no_layer_is_full_attention():
+    """Qwen2 slides its window over layers ≥ max_window_layers: with that ≥ the layer count (or layer_types
+    all full) every layer attends fully and the config loads; a window over some layer is refused."""
+    from r1jax.model.config import from_hf_config, to_hf_config
+
+    hf = to_hf_config(get_preset("tiny-qwen2"))
+    layers = hf["num_hidden_layers"]
+    full = {**hf, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": layers,
+            "layer_types": ["full_attention"] * layers}
+    assert from_hf_config(full) == from_hf_config(hf)
+    with pytest.raises(ValueError, match="max_window_layers=1 < num_hidden_layers"):
+        from_hf_config({**full, "max_window_layers": 1})
+    with pytest.raises(ValueError, match="layer_types"):
+        from_hf_config({**hf, "layer_types": ["sliding_attention"] * layers})
+
+
 def test_bench_preset_matches_workload_parameter_count():
     assert get_preset("bench-qwen2-3m").num_params == 3_182_848
 

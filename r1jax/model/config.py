@@ -159,8 +159,12 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
         raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
     if hf.get("mlp_bias"):
         raise ValueError("config.json mlp_bias=true is not supported")
-    if hf.get("use_sliding_window"):
-        raise ValueError("config.json use_sliding_window=true is not supported")
+    # Qwen2 slides the window over layers max_window_layers and up only: none when it counts them all
+    if hf.get("use_sliding_window") and (hf.get("max_window_layers") or 0) < hf.get("num_hidden_layers", 0):
+        raise ValueError(f"config.json use_sliding_window=true with max_window_layers={hf.get('max_window_layers')} "
+                         f"< num_hidden_layers={hf.get('num_hidden_layers')} is not supported")
+    if any(t != "full_attention" for t in hf.get("layer_types") or ()):
+        raise ValueError(f"config.json layer_types={hf['layer_types']}: only full_attention layers are supported")
     rope = dict(hf.get("rope_parameters") or {})
     if hf.get("rope_scaling"):
         rope.update(hf["rope_scaling"])
