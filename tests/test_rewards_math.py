@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from r1jax.rewards import accuracy_reward, extract_answer, grade, normalize_answer
@@ -173,6 +174,8 @@ def test_accuracy_reward_fields():
     golds = [27.0, "27", 27, "27", "27", None]
     assert accuracy_reward(["q"] * 6, completions, answer=golds) == [1.0, 1.0, 1.0, 1.0, 0.0, None]
     assert accuracy_reward(["q"], ["27"], answer=["27"], require_marker=True) == [0.0]
+    numpy_golds = [np.int64(27), np.float32(27.0), np.int32(26), np.bool_(True)]  # a column of a NumPy batch
+    assert accuracy_reward(["q"] * 4, ["\\boxed{27}"] * 4, answer=numpy_golds) == [1.0, 1.0, 0.0, None]
     assert accuracy_reward(["q"], ["Janet gets 18.\n#### 18"], answer=["She gets $18.\n#### 18"]) == [1.0]
     with pytest.raises(ValueError, match="answer has 1 entries"):
         accuracy_reward(["q", "q"], ["1", "2"], answer=["1"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import re
 from collections.abc import Sequence
 from fractions import Fraction
@@ -339,10 +340,11 @@ def accuracy_reward(
 def _gold_text(gold: Any) -> str | None:
     if isinstance(gold, bool) or gold is None:
         return None
-    if isinstance(gold, float):
+    if isinstance(gold, numbers.Integral):  # int, NumPy integers (a column of a NumPy batch)
+        return str(int(gold))
+    if isinstance(gold, numbers.Real):
+        gold = float(gold)
         return str(int(gold)) if gold.is_integer() else repr(gold)
-    if isinstance(gold, int):
-        return str(gold)
     if isinstance(gold, str):
         text = gold.strip()
         if "####" in text:  # a whole GSM8K answer passed as gold
