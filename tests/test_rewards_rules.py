@@ -189,6 +189,9 @@ def test_countdown_adversarial_sizes_bounded():
     assert _cd("<answer>9" + "0" * 1_000_000 + "</answer>") == 0.1
     assert _cd("x" * 1_000_000) == 0.0
     assert _cd("<answer>" * 100_000 + "</answer>") == 0.1
+    for claim in ("1e999999999", "9e0", "18/0", "0x9", "nine"):  # an exponent built that power of ten
+        assert _cd(f"<answer>(1+2)*3 = {claim}</answer>") == 0.1
+    assert _cd("<answer>(1+2)*3 = 9.0</answer>") == _cd("<answer>(1+2)*3 = 18/2</answer>") == 1.0
     assert time.monotonic() - start < 30
 
 

@@ -12,9 +12,12 @@ An answer may be written `expr` or `expr = target`.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
+
+_NUMBER = re.compile(r"[-+]?\d{1,24}(?:\.\d{1,24})?(?:/(\d{1,24}))?")  # 24, 1.5, 3/4: no exponent
 
 MAX_EXPRESSION_CHARS = 256
 MAX_NODES = 64
@@ -89,10 +92,9 @@ def score_countdown(completion: str, target: int, numbers: Sequence[int]) -> flo
     equation = equation.strip()
     if equation.count("=") == 1:
         equation, _, rhs = equation.partition("=")
-        try:
-            if Fraction(rhs.strip()[:32]) != Fraction(target):
-                return WRONG
-        except (ValueError, ZeroDivisionError):
+        # a plain number only: Fraction also reads exponents, and "1e999999999" builds that power of ten
+        claimed = _NUMBER.fullmatch(rhs.strip())
+        if claimed is None or int(claimed.group(1) or 1) == 0 or Fraction(claimed.group(0)) != Fraction(target):
             return WRONG
     try:
         value, literals = evaluate_expression(equation)
