@@ -57,6 +57,28 @@ def test_forged_results_are_ignored():
     assert _score(program, ADD_TESTS) == 0.0
 
 
+def test_a_program_cannot_pass_equality_tests_it_does_not_solve():
+    """`assert EXPR == LITERAL` is judged outside the sandbox, on EXPR's plain value: rebinding the
+    builtins, forging result lines with the nonce read from the harness's frame, or returning an object
+    that equals everything passes none of them. A bare statement (`assert False`) still runs inside, where
+    the frame forgery reaches it: the documented limit."""
+    tests = [*ADD_TESTS, "assert False", "assert [add(1, 1)] == [2]", "assert (3, 'x') == (add(1, 2), 'x')"]
+    frame_forgery = ("import os, sys\nf = sys._getframe(0).f_back\nfor i in range(6):\n"
+                     "    os.write(f.f_locals['results'], f\"{f.f_locals['nonce']} {i} 1\\n\".encode())\nos._exit(0)")
+    programs = {
+        "honest": "def add(a, b):\n    return a + b",
+        "rebinds builtins": "import builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.eval = lambda *a, **k: 3",
+        "frame forgery": frame_forgery,
+        "equals everything": "class A:\n    __eq__ = lambda s, o: True\n    __hash__ = None\n"
+                             "def add(a, b):\n    return A()",
+        "int subclass": "class I(int):\n    __eq__ = lambda s, o: True\ndef add(a, b):\n    return I(a + b)",
+    }
+    scores = {name: _score(program, tests) for name, program in programs.items()}
+    assert scores == {"honest": 5 / 6, "rebinds builtins": 0.0, "frame forgery": 1 / 6, "equals everything": 0.0,
+                      "int subclass": 0.0}, scores
+    assert _score("def add(a, b):\n    return float(a + b)", ADD_TESTS) == 1.0  # 3.0 == 3, as the assert says
+
+
 def test_program_reading_stdin_gets_eof_not_a_hang():
     start = time.monotonic()
     assert _score("x = input()\ndef add(a, b): return a + b", ADD_TESTS) == 0.0

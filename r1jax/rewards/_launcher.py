@@ -8,9 +8,14 @@ Runs (as the first process inside the sandbox, standard library only) in this or
 3. point stdout/stderr at files in ROOT_DIR/io (subject to RLIMIT_FSIZE), set resource limits;
 4. in 'namespaces' mode drop to nobody (no groups, no new privileges); otherwise block sockets at
    the Python level (a best-effort prelude: ctypes can still reach the C library);
-5. run the program in a fresh `__main__` namespace, then each test string in that namespace,
-   writing "NONCE INDEX OK" to a results file after each test, so a timeout keeps partial credit.
-The nonce lets the parent ignore result lines the program forges without reading our memory.
+5. run the program in a fresh `__main__` namespace, then each test in that namespace, writing a line
+   to a results file after each, so a timeout keeps partial credit: "NONCE INDEX OK" for a statement
+   (OK = 1 when it raised nothing), "NONCE INDEX 1 REPR" for an expression whose value is built of
+   plain literals (REPR: its repr, which the parent reads back with `ast.literal_eval`; else OK = 0).
+The nonce lets the parent ignore result lines the program forges without reading our memory. The
+program runs in this process and can read it, so a statement's verdict is only as good as the
+program's good faith; an expression's value is judged by the parent against an expected value this
+process never sees (`r1jax.rewards.code`).
 """
 
 import ctypes
@@ -122,6 +127,27 @@ def _block_sockets():
     _socket.socket = NoSocket
 
 
+_PLAIN = (int, float, complex, str, bytes, bool, type(None))
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+
+
+def _plain_repr(value, budget: int = 100_000):
+    """repr(value) if it is built of plain literals only (exact types: no subclass, no custom __eq__ or
+    __repr__) and at most `budget` items; else None."""
+    seen, stack = 0, [value]
+    while stack:
+        x = stack.pop()
+        seen += 1
+        if seen > budget or not (type(x) in _PLAIN or type(x) in _CONTAINERS):
+            return None
+        if type(x) is dict:
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif type(x) in _CONTAINERS:
+            stack.extend(x)
+    return repr(value)
+
+
 def main():
     root_dir = sys.argv[1]
     io_dir = os.path.join(root_dir, "io")
@@ -150,9 +176,11 @@ def main():
     del payload
     sys.argv = ["solution.py"]
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    # Our own references: the program may rebind the builtins and os.write before the tests run.
+    run, evaluate, build, write, plain_repr = exec, eval, compile, os.write, _plain_repr
     ok = True
     try:
-        exec(compile(program, "solution.py", "exec"), namespace)
+        run(build(program, "solution.py", "exec"), namespace)
     except SystemExit as e:
         ok = e.code in (None, 0)
     except BaseException:  # noqa: B036 - the program failed, whatever it raised
@@ -162,11 +190,15 @@ def main():
         if not ok:
             break
         try:
-            exec(compile(test, f"test_{index}", "exec"), namespace)
-            passed = 1
+            if isinstance(test, dict):  # {"eval": expression}: report its value
+                text = plain_repr(evaluate(build(test["eval"], f"test_{index}", "eval"), namespace))
+                line = f"{nonce} {index} 0" if text is None else f"{nonce} {index} 1 {text}"
+            else:
+                run(build(test, f"test_{index}", "exec"), namespace)
+                line = f"{nonce} {index} 1"
         except BaseException:  # noqa: B036
-            passed = 0
-        os.write(results, f"{nonce} {index} {passed}\n".encode())
+            line = f"{nonce} {index} 0"
+        write(results, (line + "\n").encode())
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if ok else 1)

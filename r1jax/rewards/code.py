@@ -2,8 +2,14 @@
 
 Reward = fraction of tests passed. Tests come in two shapes (or as a JSON string of either):
 - assert statements, e.g. `["assert add(1, 2) == 3", ...]`: one sandboxed run executes the program,
-  then each statement in the program's namespace; a test that raises fails, a timeout keeps the
-  tests that already reported; a program that crashes at top level fails them all;
+  then each test in the program's namespace; a timeout keeps the tests that already reported; a
+  program that crashes at top level fails them all. `assert EXPR == LITERAL` (either side; the
+  common form) is judged here, not in the sandbox: the sandbox evaluates EXPR alone and reports its
+  value if it is built of plain literals, which must equal LITERAL. The program never sees the
+  expected value, so it cannot forge a pass (a program runs in the process that reports its
+  results: it could rebind the builtins or read the result channel's nonce from its caller's
+  frame), and an object whose `__eq__` always says True is no plain literal. Other statements run
+  in the sandbox and pass if they raise nothing (forgeable by a program that sets out to);
 - stdin/stdout cases, e.g. `[{"input": "1 2\\n", "output": "3\\n"}, ...]`: one sandboxed run per case;
   outputs compare equal after stripping trailing whitespace on each line and trailing blank lines.
 
@@ -18,6 +24,7 @@ completion.
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -76,6 +83,38 @@ def _parse_tests(tests: Any) -> list[str] | list[Mapping[str, str]]:
     raise ValueError(f"mixed or malformed tests: {tests!r:.200}")
 
 
+_NO_VALUE = object()
+
+
+def _split_assert(test: str) -> tuple[str, Any]:
+    """(expression, expected value) of `assert EXPR == LITERAL` (or `LITERAL == EXPR`), else (test, _NO_VALUE)."""
+    try:
+        tree = ast.parse(test)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return test, _NO_VALUE
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
+        return test, _NO_VALUE
+    check = tree.body[0].test
+    if not (isinstance(check, ast.Compare) and len(check.ops) == 1 and isinstance(check.ops[0], ast.Eq)):
+        return test, _NO_VALUE
+    for expression, literal in ((check.left, check.comparators[0]), (check.comparators[0], check.left)):
+        try:
+            return ast.unparse(expression), ast.literal_eval(literal)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            continue
+    return test, _NO_VALUE
+
+
+def _equals(reported: str | None, expected: Any) -> bool:
+    """Whether the repr the sandbox reported reads back (as a literal, never evaluated) to `expected`."""
+    if reported is None:
+        return False
+    try:
+        return bool(ast.literal_eval(reported) == expected)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+
+
 def score_program(program: str, tests: Any, limits: SandboxLimits | None = None,
                   mode: str | None = None) -> float | None:
     """Fraction of `tests` that `program` passes; None if `tests` is missing or malformed."""
@@ -88,8 +127,12 @@ def score_program(program: str, tests: Any, limits: SandboxLimits | None = None,
     if not program.strip() or len(program) > MAX_PROGRAM_CHARS:
         return 0.0
     if isinstance(cases[0], str):
-        result = run_sandboxed(program, tests=cases, limits=limits, mode=mode)
-        return sum(result.test_passed) / len(cases)
+        split = [_split_assert(t) for t in cases]
+        probes = [t if expected is _NO_VALUE else {"eval": t} for t, expected in split]
+        result = run_sandboxed(program, tests=probes, limits=limits, mode=mode)
+        passed = [ok if expected is _NO_VALUE else ok and _equals(value, expected)
+                  for (_, expected), ok, value in zip(split, result.test_passed, result.test_values, strict=True)]
+        return sum(passed) / len(cases)
     passed = 0
     for case in cases:
         result = run_sandboxed(program, stdin=str(case["input"]), limits=limits, mode=mode)

@@ -69,13 +69,16 @@ class SandboxLimits:
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What one sandboxed run did. `test_passed[i]` is False for tests that never reported."""
+    """What one sandboxed run did. `test_passed[i]` is False for tests that never reported;
+    `test_values[i]` is the repr of an expression test's value (None: not a plain literal, raised, or
+    never reported; always None for a statement)."""
 
     exit_code: int | None
     stdout: str
     stderr: str
     timed_out: bool
     test_passed: tuple[bool, ...]
+    test_values: tuple[str | None, ...] = ()
 
 
 def _nobody() -> tuple[int, int]:
@@ -105,7 +108,7 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _run(program: str, stdin: str, tests: Sequence[str] | None, limits: SandboxLimits,
+def _run(program: str, stdin: str, tests: Sequence[str | dict[str, str]] | None, limits: SandboxLimits,
          mode: str) -> RunResult:
     if mode not in MODES:
         raise ValueError(f"sandbox mode {mode!r}; known: {MODES}")
@@ -143,17 +146,19 @@ def _run(program: str, stdin: str, tests: Sequence[str] | None, limits: SandboxL
                     pass
                 _, launcher_err = proc.communicate()
         passed = [False] * (len(tests) if tests is not None else 0)
+        values: list[str | None] = [None] * len(passed)
         for line in _read(io_dir / "results").splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0] == nonce and parts[1].isdigit() and parts[2] in ("0", "1"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[0] == nonce and parts[1].isdigit() and parts[2] in ("0", "1"):
                 index = int(parts[1])
                 if index < len(passed):
                     passed[index] = parts[2] == "1"
+                    values[index] = parts[3] if len(parts) == 4 and isinstance(tests[index], dict) else None
         stderr = _read(io_dir / "stderr")
         if launcher_err:
             stderr = launcher_err[:_MAX_READ].decode("utf-8", errors="replace") + stderr
         return RunResult(exit_code=None if timed_out else proc.returncode, stdout=_read(io_dir / "stdout"),
-                         stderr=stderr, timed_out=timed_out, test_passed=tuple(passed))
+                         stderr=stderr, timed_out=timed_out, test_passed=tuple(passed), test_values=tuple(values))
     finally:
         shutil.rmtree(root_dir, ignore_errors=True)
 
@@ -182,11 +187,13 @@ def sandbox_mode() -> str:
     return "plain"
 
 
-def run_sandboxed(program: str, *, stdin: str = "", tests: Sequence[str] | None = None,
+def run_sandboxed(program: str, *, stdin: str = "", tests: Sequence[str | dict[str, str]] | None = None,
                   limits: SandboxLimits = SandboxLimits(), mode: str | None = None) -> RunResult:
-    """Run `program` (then each of `tests`, statements run in the program's namespace) in the sandbox.
+    """Run `program` (then each of `tests` in the program's namespace) in the sandbox.
 
-    Returns exit code, stdout, stderr (each read up to 1 MiB), whether the wall clock ran out, and
-    one pass flag per test. `mode=None` uses `sandbox_mode()`.
+    A test is a statement (passes if it raises nothing) or `{"eval": expression}` (its value comes back
+    as a repr when it is built of plain literals). Returns exit code, stdout, stderr (each read up to
+    1 MiB), whether the wall clock ran out, one pass flag and one value per test. `mode=None` uses
+    `sandbox_mode()`.
     """
     return _run(program, stdin, tests, limits, mode or sandbox_mode())
