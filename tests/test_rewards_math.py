@@ -68,6 +68,8 @@ def test_extract_answer_adversarial_is_linear():
         ("\\$18.00", "18"),
         ("18 dollars", "18"),
         ("50\\%", "50"),
+        ("\\frac{1}{2}", "50\\%"),  # the normal form drops %: math-verify decides
+        ("3/20", "15%"),
         ("0.5", "\\frac{1}{2}"),
         ("\\dfrac12", "\\frac{1}{2}"),
         ("1/2", "\\frac{1}{2}"),
@@ -93,6 +95,7 @@ def test_grade_equal(prediction, gold):
         ("17", "18"),
         ("1,001", "1000"),
         ("0.51", "\\frac{1}{2}"),
+        ("\\frac{1}{3}", "50\\%"),
         ("2\\sqrt{3}", "\\sqrt{8}"),
         ("6 + 5i", "6 - 5i"),
         ("(3, 1)", "(1, 3)"),

@@ -203,7 +203,8 @@ def _normalised_verdict(prediction: str, gold: str) -> bool | None:
     """True/False when the normal forms settle it, None when sympy must decide.
 
     Equal normal forms, or equal exact values, are equal. Two integers or fractions (no decimal
-    point: math-verify compares decimals after rounding) with different values are not.
+    point: math-verify compares decimals after rounding; no percent sign, which the normal form
+    drops) with different values are not.
     """
     p, g = normalize_answer(prediction), normalize_answer(gold)
     if p == g:
@@ -213,6 +214,8 @@ def _normalised_verdict(prediction: str, gold: str) -> bool | None:
         return None
     if fp == fg:
         return True
+    if "%" in prediction or "%" in gold:  # the normal form dropped a percent sign: 50% may be 1/2
+        return None
     return False if "." not in p and "." not in g else None
 
 
