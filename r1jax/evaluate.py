@@ -408,12 +408,14 @@ def sample_completions(
 def evaluate_model(graphdef, params, records, tokenizer, *, template, k, sampling, key, grader=None, mesh=None,
                    prompts_per_batch: int = 64) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """R1's protocol on `records`: k samples each → (summary, per-problem results)."""
-    from r1jax.rewards import accuracy_reward, extract_answer
+    from r1jax.rewards import accuracy_reward
+    from r1jax.rewards.math import voting_answer
 
     texts, lengths = sample_completions(graphdef, params, records, tokenizer, template=template, k=k,
                                         sampling=sampling, key=key, prompts_per_batch=prompts_per_batch, mesh=mesh)
     per_problem = evaluate_completions(records, texts, grader or grader_from_reward(accuracy_reward),
-                                       extract_answer=extract_answer, lengths_per_problem=lengths)
+                                       extract_answer=voting_answer,
+                                       lengths_per_problem=lengths)
     return summarize(per_problem), per_problem
 
 

@@ -47,7 +47,7 @@ from r1jax.metrics import plot_curves
 from r1jax.pipeline import RunContext, StageManifest
 from r1jax.rewards import RewardPool, combine, get_reward
 from r1jax.rewards.format import follows_r1_format, follows_r1_zero_format
-from r1jax.rewards.math import extract_answer
+from r1jax.rewards.math import voting_answer
 from r1jax.rewards.preference import harmlessness_reward, helpfulness_reward, only_for, r1_language_reward
 from r1jax.sampling import SamplingConfig
 from r1jax.stages import batches_of, grpo_run_config, optim_config, per_process
@@ -176,7 +176,7 @@ def evaluate_policy(ctx: RunContext, graphdef, params, *, template: str, step: i
     texts, lengths = sample_completions(graphdef, params, records, tok, template=template, k=e.k, sampling=sampling,
                                         key=key, mesh=ctx.mesh, prompts_per_batch=e.get("batch", 64))
     per_problem = evaluate_completions(records, texts, grader_from_reward(get_reward(reasoning_reward_name(ctx))),
-                                       extract_answer=extract_answer, lengths_per_problem=lengths)
+                                       extract_answer=voting_answer, lengths_per_problem=lengths)
     summary = summarize(per_problem, ks=[1])
     flat = [t for ts in texts for t in ts]
     follows = follows_r1_format if template == "r1" else follows_r1_zero_format

@@ -106,6 +106,20 @@ def _grader(completions, record):
     return [c.strip().endswith(record["answer"]) for c in completions]
 
 
+def test_majority_vote_counts_one_answer_written_several_ways_once():
+    """The model evaluation's voting answers: "18", "\\$18" and "18.00" are one answer (3 + 1 votes against
+    20's 3: cons@7 = 1); by the raw strings 20 led with 3 votes to 2."""
+    from r1jax.rewards import accuracy_reward
+    from r1jax.rewards.math import vote_key, voting_answer
+
+    boxed = ["18", "18", "\\$18", "18.00", "20", "20", "20"]
+    completions = [[f"so \\boxed{{{b}}}" for b in boxed]]
+    results = evaluate_completions([{"id": "a", "question": "q", "answer": "18"}], completions,
+                                   grader_from_reward(accuracy_reward), extract_answer=voting_answer)
+    assert results[0]["num_correct"] == 4 and summarize(results)["cons@7"] == 1.0
+    assert vote_key("\\frac{1}{2}") == vote_key("0.5") == vote_key("1/2") and vote_key(None) is None
+
+
 def test_evaluate_completions_summary_and_writers(tmp_path):
     records = [{"id": "a", "question": "1+1", "answer": "2"}, {"id": "b", "question": "2+2", "answer": "4"}]
     completions = [["so 2", "so 3", "so 2", "so 2"], ["so 5", "so 4", "so 5", "so 9"]]

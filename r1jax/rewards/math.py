@@ -199,6 +199,21 @@ def _as_fraction(s: str) -> Fraction | None:
     return None
 
 
+def vote_key(answer: str | None) -> str | None:
+    """The key majority voting (cons@k) groups answers by: the normal form, or the exact value where it
+    has one, so that "18", "\\$18" and "18.00", or "1/2", "0.5" and "\\frac{1}{2}", are one vote."""
+    if answer is None:
+        return None
+    key = normalize_answer(answer)
+    value = _as_fraction(key)
+    return key if value is None else str(value)
+
+
+def voting_answer(completion: str) -> str | None:
+    """A completion's final answer as majority voting counts it: `vote_key(extract_answer(completion))`."""
+    return vote_key(extract_answer(completion))
+
+
 def _normalised_verdict(prediction: str, gold: str) -> bool | None:
     """True/False when the normal forms settle it, None when sympy must decide.
 
