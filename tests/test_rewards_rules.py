@@ -115,6 +115,24 @@ def test_language_detection_from_prompt():
     assert language_consistency_reward([prompt] * 3, completions) == [1.0, 0.0, pytest.approx(3 / 5)]
 
 
+def test_language_is_detected_from_the_question_the_trainer_passes():
+    """The R1-Zero template's 59 English words outvote a short question in another script; the record's
+    question field (which rewards receive) settles the language, and a CoT in it scores 1."""
+    from r1jax.data.templates import format_prompt
+    from r1jax.rewards.preference import r1_language_reward
+
+    questions = ["3加5等于多少？", "Сколько будет два плюс два?", "3 と 5 の和は？", "What is 3 + 5?"]
+    prompts = [format_prompt("r1_zero", q) for q in questions]
+    assert [detect_language(p) for p in prompts] == ["en"] * 4  # the whole prompt: always English
+    cots = ["三加五等于八", "два плюс два четыре", "さんたすごはは", "three plus five is eight"]
+    completions = [f"<think>{c}</think><answer>8</answer>" for c in cots]
+    assert language_consistency_reward(prompts, completions, question=questions) == [1.0] * 4
+    assert r1_language_reward(prompts, completions, question=questions) == [1.0] * 4
+    assert language_consistency_reward(prompts, completions, question=[None] * 4) == [0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="question has 1 entries"):
+        language_consistency_reward(prompts, completions, question=questions[:1])
+
+
 def test_language_cot_extraction():
     # prefilled <think>: the CoT is what precedes </think>; no tags: the whole completion.
     assert language_consistency_reward(["q"], ["thinking here 中</think><answer>中文</answer>"],

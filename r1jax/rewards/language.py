@@ -154,27 +154,32 @@ def language_consistency_reward(
     completions: Sequence[str],
     *,
     target_language: str | Sequence[str] | None = None,
+    question: Sequence[str | None] | None = None,
     **_: Any,
 ) -> list[float | None]:
     """R1 eq. 7, in [0, 1]: target-language words / words in the CoT. None where the CoT has no words.
 
     `target_language`: a code from `LANGUAGE_SCRIPTS` ("en", "zh", "ja", "ko", "ru", "ar", …) for all
-    samples, a list with one per sample, or None to detect it from each prompt's script.
+    samples, a list with one per sample, or None to detect it from each sample's `question` (the
+    record's field, which the trainer passes), else from its prompt. The question, not the prompt: the
+    R1-Zero template alone holds 59 English words, which outvote a short question in another script.
     """
-    n = len(completions)
+    languages = target_languages(prompts, len(completions), target_language, question)
+    return [language_consistency(chain_of_thought(c), language) if isinstance(c, str) else None
+            for c, language in zip(completions, languages, strict=True)]
+
+
+def target_languages(prompts: Sequence[str], n: int, target_language: str | Sequence[str] | None,
+                     question: Sequence[str | None] | None = None) -> list[str]:
+    """Each of n samples' target language: `target_language` (one for all, or one each), else detected
+    from the sample's question, else from its prompt (see `language_consistency_reward`)."""
     if len(prompts) != n:
         raise ValueError(f"prompts has {len(prompts)} entries, completions {n}")
-    if target_language is None or isinstance(target_language, str):
-        targets: Sequence[str | None] = [target_language] * n
-    else:
-        targets = target_language
-        if len(targets) != n:
-            raise ValueError(f"target_language has {len(targets)} entries, completions {n}")
-    scores: list[float | None] = []
-    for prompt, completion, target in zip(prompts, completions, targets, strict=True):
-        if not isinstance(completion, str):
-            scores.append(None)
-            continue
-        language = target or detect_language(prompt if isinstance(prompt, str) else "")
-        scores.append(language_consistency(chain_of_thought(completion), language))
-    return scores
+    for name, values in (("target_language", target_language), ("question", question)):
+        if values is not None and not isinstance(values, str) and len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries, completions {n}")
+    targets = [target_language] * n if target_language is None or isinstance(target_language, str) else target_language
+    if question is not None:
+        prompts = [q if isinstance(q, str) else p for q, p in zip(question, prompts, strict=True)]
+    return [target or detect_language(source if isinstance(source, str) else "")
+            for target, source in zip(targets, prompts, strict=True)]

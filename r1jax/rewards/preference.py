@@ -194,11 +194,13 @@ def r1_language_reward(
     completions: Sequence[str],
     *,
     target_language: str | Sequence[str] | None = None,
+    question: Sequence[str | None] | None = None,
     no_words: float | None = 1.0,
     special_token: str = DEFAULT_SPECIAL_TOKEN,
     **_: Any,
 ) -> list[float | None]:
-    """R1 eq. 7 on the CoT of R1-format completions: target-language words / words in the reasoning.
+    """R1 eq. 7 on the CoT of R1-format completions: target-language words / words in the reasoning
+    (the target language as `language_consistency_reward` resolves it).
 
     The CoT is the text between the two special tokens (R1's format), else the `<think>` block, else
     the whole completion. A CoT with no words at all scores `no_words` (None: not judged). On the
@@ -207,23 +209,17 @@ def r1_language_reward(
     mixed one would lose nothing against it, so eq. 7 would not separate them.
     """
     from r1jax.data.templates import parse_cold_start
-    from r1jax.rewards.language import chain_of_thought, detect_language, language_consistency
+    from r1jax.rewards.language import chain_of_thought, language_consistency, target_languages
 
-    n = len(completions)
-    if len(prompts) != n:
-        raise ValueError(f"prompts has {len(prompts)} entries, completions {n}")
-    targets = [target_language] * n if target_language is None or isinstance(target_language, str) \
-        else list(target_language)
-    if len(targets) != n:
-        raise ValueError(f"target_language has {len(targets)} entries, completions {n}")
     out: list[float | None] = []
-    for prompt, completion, target in zip(prompts, completions, targets, strict=True):
+    for completion, language in zip(completions, target_languages(prompts, len(completions), target_language,
+                                                                    question), strict=True):
         if not isinstance(completion, str):
             out.append(None)
             continue
         parts = parse_cold_start(completion, special_token=special_token)
         cot = parts[0] if parts is not None else chain_of_thought(completion)
-        share = language_consistency(cot, target or detect_language(prompt if isinstance(prompt, str) else ""))
+        share = language_consistency(cot, language)
         out.append(no_words if share is None else share)
     return out
 
