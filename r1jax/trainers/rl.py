@@ -270,8 +270,8 @@ class GRPOTrainer:
                     idx = order[i * mb:(i + 1) * mb]
                     if not real[idx].any():  # only filler: no step (AdamW's momentum would still move weights)
                         continue
-                    minibatch = batch_dev if cfg.num_minibatches == 1 else {k: v[idx] for k, v in batch_dev.items()}
-                    params, opt_state, m = self._update(params, opt_state, minibatch)
+                    minibatch = batch_dev if cfg.num_minibatches == 1 else _one_at_a_time(_take_rows(batch_dev, idx))
+                    params, opt_state, m = _one_at_a_time(self._update(params, opt_state, minibatch))
                     update_metrics.append(m)
             jax.block_until_ready(params)
         times["update"] = time.perf_counter() - t
@@ -301,6 +301,19 @@ class GRPOTrainer:
         if self._peak_flops is not None:
             metrics["perf/mfu"] = metrics["perf/flops_per_s"] / (self._peak_flops * self._num_devices)
         return metrics
+
+
+@jax.jit
+def _take_rows(batch: dict[str, jax.Array], idx: np.ndarray) -> dict[str, jax.Array]:
+    """Rows `idx` of every array of `batch`, in one program."""
+    return jax.tree.map(lambda v: v[idx], batch)
+
+
+def _one_at_a_time(outputs):
+    """`outputs`, computed, on several processes. XLA:CPU may run two programs at once, and their
+    collectives (gloo) then meet in different orders on different hosts: a deadlock (seen: an update
+    and the next minibatch's row gather). One process, or one device stream per chip: as they are."""
+    return jax.block_until_ready(outputs) if jax.process_count() > 1 else outputs
 
 
 def optimizer_steps(opt_state) -> int:
