@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,9 +44,7 @@ def optim_config(section, total_steps: int, updates_per_step: int = 1) -> OptimC
 
 
 def pretrain_config(c: ConfigDict) -> SFTConfig:
-    p = c.pretrain
-    return SFTConfig(steps=p.steps, batch_size=p.batch_size, optim=optim_config(p, p.steps),
-                     micro_batches=p.micro_batches, max_length=p.max_length, seed=c.seed)
+    return sft_run_config(c.pretrain, c.seed)
 
 
 def grpo_run_config(section, sampling: SamplingConfig, seed: int) -> RLConfig:
@@ -203,6 +203,40 @@ def _summary(metrics_path: Path) -> dict[str, Any]:
     }
 
 
+# Checks of a stage's own config section, `check(ctx, section_name, stage_names)`, run by `validate_config`
+# for each stage of the run that has one (the R1 and distillation stage modules add theirs).
+SECTION_CHECKS: dict[str, Callable[[RunContext, str, list[str]], None]] = {}
+STAND_IN_TOKENIZER = types.SimpleNamespace(eos_id=0, pad_id=0)  # sampling sections are checked before it exists
+
+
+def check_init(ctx: RunContext, name: str, names: list[str]) -> None:
+    """`<name>.init` is "previous", "initial", "base" or a stage that runs before `name`."""
+    source = ctx.config[name].get("init", "previous")
+    earlier = names[:names.index(name)]
+    if source not in ("previous", "initial", "base") and source not in earlier:
+        raise ValueError(f"{name}.init={source!r}; accepted: 'previous', 'initial', 'base' or a stage before "
+                         f"it: {earlier}")
+
+
+def check_fraction(section, name: str, field: str) -> None:
+    """`<name>.<field>`, a share of a mix, lies in [0, 1)."""
+    if field in section and not 0 <= section[field] < 1:
+        raise ValueError(f"{name}.{field}={section[field]!r} must lie in [0, 1)")
+
+
+def check_counts(section, name: str, *fields: str) -> None:
+    """The fields of `section` that it has are ints >= 1."""
+    for field in fields:
+        if field in section and not (isinstance(section[field], int) and section[field] >= 1):
+            raise ValueError(f"{name}.{field}={section[field]!r} must be an int >= 1")
+
+
+def sft_run_config(section, seed: int) -> SFTConfig:
+    """The SFTConfig of an SFT section (`cold_start`, `rejection_sft`, `distill`)."""
+    return SFTConfig(steps=section.steps, batch_size=section.batch_size, optim=optim_config(section, section.steps),
+                     micro_batches=section.micro_batches, max_length=section.max_length, seed=seed)
+
+
 def validate_config(c: ConfigDict, names: list[str]) -> None:
     """Build every section the named stages read, before the tokenizer, data or model cost anything.
 
@@ -239,12 +273,28 @@ def validate_config(c: ConfigDict, names: list[str]) -> None:
     def data():
         get_template(c.data.template)
         ctx.task_spec  # noqa: B018 - validates the synthetic task's knobs
+        for split in ("train", "eval"):
+            size, synthetic = c.data[f"{split}_size"], c.data[split].startswith("synthetic")
+            if not isinstance(size, int) or size < int(synthetic):
+                raise ValueError(f"data.{split}_size={size!r} must be an int >= {int(synthetic)}"
+                                 + ("" if synthetic else " (0: the whole benchmark)"))
 
+    def pretraining():
+        pretrain_config(c)
+        for field in ("correct_fraction", "mix_fraction"):
+            if not 0 <= c.pretrain.get(field, 0.0) <= 1:
+                raise ValueError(f"pretrain.{field}={c.pretrain[field]!r} must lie in [0, 1]")
+
+    import r1jax.stages_distill  # noqa: F401 - registers the R1 and distillation stages' SECTION_CHECKS
     checks = {"model": model, "checkpoint": checkpoint, "data": data}
     if "pretrain" in names:
-        checks["pretrain"] = lambda: pretrain_config(c)
+        checks["pretrain"] = pretraining
     if "rl" in names:
         checks.update(rl=rl, eval=evaluation)
+    for name in names:
+        if name in SECTION_CHECKS:
+            checks[name] = functools.partial(SECTION_CHECKS[name], ctx, name, names)
+            checks["eval"] = evaluation  # every such stage ends with a held-out evaluation
     for section, check in checks.items():
         try:
             check()

@@ -30,13 +30,16 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from r1jax.data.filters import filter_samples
+from r1jax.data.templates import get_template
 from r1jax.pipeline import RunContext, StageManifest
 from r1jax.rewards import combine, get_reward
-from r1jax.stages import reward_table
+from r1jax.stages import SECTION_CHECKS, check_counts, reward_table
 from r1jax.stages_r1 import (
     DATA_FILE,
     GRPORun,
     check_examples,
+    check_grpo_stage,
+    check_sft_stage,
     filter_config,
     finish,
     read_jsonl,
@@ -148,8 +151,6 @@ def distill(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Mo
 def student_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     s = ctx.config.student_rl
     t0, cpu0 = time.time(), time.process_time()
-    if s.budget_clock not in ("wall", "cpu"):
-        raise ValueError(f"student_rl.budget_clock={s.budget_clock!r}; accepted: 'wall', 'cpu'")
     budget = float(s.budget_s)
     if s.budget_from:
         manifest = StageManifest.read(ctx.workdir / s.budget_from)
@@ -199,3 +200,19 @@ def student_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx
 
 
 DISTILL_STAGES = {"distill": distill, "student_rl": student_rl}
+
+
+def check_student_rl(ctx: RunContext, name: str, names: list[str]) -> None:
+    check_grpo_stage(ctx, name, names)
+    s = ctx.config[name]
+    get_template(s.template)
+    reward_table(s.rewards)
+    if s.budget_clock not in ("wall", "cpu"):
+        raise ValueError(f"{name}.budget_clock={s.budget_clock!r}; accepted: 'wall', 'cpu'")
+    if s.budget_from and s.budget_from not in names[:names.index(name)]:
+        raise ValueError(f"{name}.budget_from={s.budget_from!r} must name a stage before it ({names}) or be empty "
+                         "(budget_s seconds)")
+    check_counts(s, name, "calibration_steps")
+
+
+SECTION_CHECKS.update(distill=check_sft_stage, student_rl=check_student_rl)

@@ -48,12 +48,28 @@ from r1jax.pipeline import RunContext, StageManifest
 from r1jax.rewards import RewardPool, combine, get_reward
 from r1jax.rewards.format import follows_r1_format, follows_r1_zero_format
 from r1jax.rewards.math import voting_answer
-from r1jax.rewards.preference import harmlessness_reward, helpfulness_reward, only_for, r1_language_reward
+from r1jax.rewards.preference import (
+    get_preference_model,
+    harmlessness_reward,
+    helpfulness_reward,
+    only_for,
+    r1_language_reward,
+)
 from r1jax.sampling import SamplingConfig
-from r1jax.stages import batches_of, grpo_run_config, optim_config, per_process
+from r1jax.stages import (
+    SECTION_CHECKS,
+    STAND_IN_TOKENIZER,
+    batches_of,
+    check_counts,
+    check_fraction,
+    check_init,
+    grpo_run_config,
+    per_process,
+    sft_run_config,
+)
 from r1jax.trainers.loop import run_loop
 from r1jax.trainers.rl import GRPOTrainer
-from r1jax.trainers.sft import SFTConfig, SFTTrainer
+from r1jax.trainers.sft import SFTTrainer
 
 DATA_FILE = "data.jsonl"
 
@@ -206,9 +222,7 @@ def train_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path, section, exam
     prompts = [format_prompt(template, ex["question"], tokenizer=tok) for ex in examples]
     pairs = [(tok.encode(prompt, add_bos=True), completion_ids(tok, prompt, ex["completion"]))
              for prompt, ex in zip(prompts, examples, strict=True)]
-    cfg = SFTConfig(steps=section.steps, batch_size=section.batch_size, optim=optim_config(section, section.steps),
-                    micro_batches=section.micro_batches, max_length=section.max_length, seed=c.seed)
-    trainer = SFTTrainer(cfg, model, pad_id=tok.pad_id, mesh=ctx.mesh)
+    trainer = SFTTrainer(sft_run_config(section, c.seed), model, pad_id=tok.pad_id, mesh=ctx.mesh)
     _say_resume(stage_dir)
     history = run_loop(trainer, batches_of(pairs, section.batch_size, c.seed), steps=section.steps,
                        workdir=stage_dir, save_every=c.checkpoint.every, keep=c.checkpoint.keep,
@@ -448,8 +462,11 @@ def reasoning_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[n
 
 
 def general_count(n_reasoning: int, fraction: float) -> int:
-    """How many general (non-reasoning) items make up `fraction` of a mix with `n_reasoning` reasoning ones."""
-    return int(round(n_reasoning * fraction / max(1e-9, 1 - fraction)))
+    """How many general (non-reasoning) items make up `fraction` (in [0, 1)) of a mix with `n_reasoning`
+    reasoning ones."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"general_fraction={fraction!r} must lie in [0, 1)")
+    return int(round(n_reasoning * fraction / (1 - fraction)))
 
 
 def with_general_examples(ctx: RunContext, kept: list[dict[str, Any]], fraction: float,
@@ -527,3 +544,42 @@ def _bound(fn, **options):
 
 
 R1_STAGES = {"cold_start": cold_start, "reasoning_rl": reasoning_rl, "rejection_sft": rejection_sft, "rl_all": rl_all}
+
+
+# ------------------------------------------------------------------------------------ config checks
+
+
+def check_sampling_section(ctx: RunContext, name: str) -> None:
+    """A section that samples from a model and filters what it gets (cold start, rejection SFT, distill)."""
+    section = ctx.config[name]
+    sampling_config(section, STAND_IN_TOKENIZER)
+    check_counts(section, name, "prompts", "samples_per_prompt")
+    if "filters" in section:
+        filter_config(section, ctx.config)
+    check_fraction(section, name, "general_fraction")
+
+
+def check_sft_stage(ctx: RunContext, name: str, names: list[str]) -> None:
+    check_init(ctx, name, names)
+    sft_run_config(ctx.config[name], ctx.config.seed)
+    check_sampling_section(ctx, name)
+    if "sample_from" in ctx.config[name]:
+        source, earlier = ctx.config[name].sample_from, names[:names.index(name)]
+        if source not in ("previous", *earlier) or not earlier:
+            raise ValueError(f"{name}.sample_from={source!r}; accepted: 'previous' or a stage before it: {earlier}")
+
+
+def check_grpo_stage(ctx: RunContext, name: str, names: list[str]) -> None:
+    check_init(ctx, name, names)
+    section = ctx.config[name]
+    grpo_run_config(section, sampling_config(section, STAND_IN_TOKENIZER), ctx.config.seed)
+    check_fraction(section, name, "general_fraction")
+    if "rewards" in section and name in R1_STAGES:
+        rule_rewards(ctx, section.rewards)
+    for kind in ("helpfulness", "harmlessness") if "preference" in section else ():
+        if section.preference[kind]:
+            get_preference_model(section.preference[f"{kind}_model"])
+
+
+SECTION_CHECKS.update(cold_start=check_sft_stage, reasoning_rl=check_grpo_stage, rejection_sft=check_sft_stage,
+                      rl_all=check_grpo_stage)

@@ -385,6 +385,59 @@ def test_bad_values_fail_before_any_work(tmp_path, monkeypatch, changes, message
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("config_name, changes, message", [
+    ("r1", {"reasoning_rl.steps": -5}, "config.reasoning_rl: optim.total_steps=-5 must be >= 0"),
+    ("r1", {"cold_start.batch_size": 0}, "config.cold_start: sft.steps=96 must be >= 0 and sft.batch_size=0 >= 1"),
+    ("r1", {"rejection_sft.general_fraction": 1.5}, "rejection_sft.general_fraction=1.5 must lie in [0, 1)"),
+    ("r1", {"rl_all.general_fraction": -0.5}, "rl_all.general_fraction=-0.5 must lie in [0, 1)"),
+    ("r1", {"rejection_sft.init": "bsae"}, "config.rejection_sft: rejection_sft.init='bsae'; accepted:"),
+    ("r1", {"rejection_sft.sample_from": "reasoning_lr"}, "rejection_sft.sample_from='reasoning_lr'; accepted:"),
+    ("r1", {"reasoning_rl.temperature": -1.0}, "config.reasoning_rl: sampling.temperature=-1.0"),
+    ("r1", {"cold_start.filters.require_format": "xml"}, "config.cold_start: filters.require_format='xml'"),
+    ("r1", {"rl_all.rewards.acuracy": 1.0}, "config.rl_all: reward 'acuracy' in a rule-reward table"),
+    ("r1", {"rl_all.preference.helpfulness_model": "nope"}, "config.rl_all: unknown preference model 'nope'"),
+    ("r1", {"eval.k": 0}, "config.eval: eval.k=0 must be >= 1"),
+    ("r1", {"data.train_size": -4}, "config.data: data.train_size=-4 must be an int >= 1"),
+    ("r1", {"pretrain.correct_fraction": 1.5}, "config.pretrain: pretrain.correct_fraction=1.5 must lie in [0, 1]"),
+    ("distill", {"distill.steps": -2}, "config.distill: optim.total_steps=-2 must be >= 0"),
+    ("distill", {"student_rl.budget_clock": "gpu"}, "config.student_rl: student_rl.budget_clock='gpu'"),
+    ("distill", {"student_rl.budget_from": "distil"}, "config.student_rl: student_rl.budget_from='distil' must name"),
+    ("distill", {"student_rl.template": "nope"}, "config.student_rl: template='nope' is not registered"),
+])
+def test_r1_and_distillation_sections_are_checked_before_any_stage_runs(config_name, changes, message):
+    """Every stage's own section, not only R1-Zero's: a bad value in the fourth stage fails before the first
+    trains (it used to surface hours later, or hang: general_fraction 1.5 asked for 10^11 general items)."""
+    import importlib
+
+    from r1jax.pipeline import ConfigError
+    from r1jax.stages import validate_config
+
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = value
+    with pytest.raises(ConfigError) as raised:
+        validate_config(config, [s for s in config.stages.split(",") if s])
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("config_name, preset", [("r1", ""), ("distill", ""), ("r1zero", ""),
+                                                 ("r1_qwen7b", "qwen2.5-7b"), ("distill_qwen1p5b", "qwen2.5-1.5b")])
+def test_every_shipped_config_passes_its_checks(config_name, preset):
+    """The shipped configs pass (the scale-up ones with the preset of the HF model they name, absent here)."""
+    import importlib
+
+    from r1jax.stages import validate_config
+
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    if preset:
+        config.model.hf_path, config.model.preset = "", preset
+    validate_config(config, [s for s in config.stages.split(",") if s])
+
+
 def test_a_preset_chosen_in_the_config_keeps_its_clip_and_kl_unless_the_config_sets_them():
     from configs.r1zero import get_config
     from r1jax.grpo import PRESETS, GRPOConfig
