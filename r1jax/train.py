@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 def resolve_config_path(name: str) -> str:
     """`configs/NAME.py` of the installed or checked-out package, or NAME itself if it is a file."""
     path, _, override = name.partition(":")
-    if os.path.exists(path):
+    if os.path.isfile(path):  # (a folder of that name, such as `--workdir r1zero`, is not a config)
         return name
     spec = importlib.util.find_spec("configs")
     roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []

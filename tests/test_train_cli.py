@@ -341,6 +341,17 @@ def test_cli_names_an_unknown_config(env, tmp_path):
     assert "--config=nonexistent: no such config; known: [" in result.stderr and "'r1zero'" in result.stderr
 
 
+def test_a_config_name_is_not_shadowed_by_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`--config=r1zero --workdir r1zero`: on the rerun the folder r1zero exists, and is not the config."""
+    from r1jax.train import resolve_config_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r1zero").mkdir()
+    assert resolve_config_path("r1zero").endswith("configs/r1zero.py")
+    (tmp_path / "mine.py").write_text("def get_config(): ...")
+    assert resolve_config_path("mine.py:arg") == "mine.py:arg"
+
+
 def test_cli_reports_a_bad_value_before_any_work(env, tmp_path):
     result = run_cli(env, "--config=r1zero", f"--workdir={tmp_path / 'w'}", "--config.rl.group_size=1")
     assert result.returncode == 1
