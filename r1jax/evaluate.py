@@ -455,16 +455,24 @@ def load_policy(checkpoint: str | os.PathLike | None, workdir: str | os.PathLike
 
 def _benchmark_records(name: str, config, limit: int | None, data_dir: str | None) -> list[dict[str, Any]]:
     from r1jax.data import benchmarks, synthetic
+    from r1jax.pipeline import RunContext
 
     if not name.startswith("synthetic"):
         return benchmarks.load_benchmark(name, limit=limit, data_dir=data_dir)
     spec, seed, size = synthetic.TaskSpec(), 0, 500
     if config is not None:  # the run's task and held-out split
-        d = config.data
-        spec = synthetic.TaskSpec(min_steps=d.min_steps, max_steps=d.max_steps, max_operand=d.max_operand,
-                                  max_value=d.max_value)
-        seed, size = config.seed, d.eval_size
+        spec, seed, size = RunContext(config, Path(".")).task_spec, config.seed, config.data.eval_size
     return benchmarks.load_benchmark(name, limit=limit, synthetic_spec=spec, synthetic_size=limit or size, seed=seed)
+
+
+def _stage_template(config, workdir: str | None, checkpoint: str | None) -> str:
+    """The prompt template of the evaluated checkpoint's stage: what it trained and was evaluated with, as
+    its manifest records it (the R1 and distillation stages: R1's format), else the run's data.template."""
+    from r1jax.pipeline import StageManifest
+
+    last = [s.strip() for s in config.stages.split(",") if s.strip()][-1]
+    manifest = StageManifest.read(Path(checkpoint).parent if checkpoint else Path(workdir) / last)
+    return (manifest.metrics.get("eval/template") if manifest is not None else None) or config.data.template
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -496,14 +504,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
 
     model, tokenizer, config, mesh = load_policy(args.checkpoint, args.workdir)
     graphdef, params = nnx.split(model)
-    template = args.template or (config.data.template if config is not None else "r1_zero")
+    template = args.template or (_stage_template(config, args.workdir, args.checkpoint) if config is not None
+                                 else "r1_zero")
     max_new = args.max_new_tokens or (config.eval.max_new_tokens if config is not None else 1024)
     sampling = SamplingConfig(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
                               eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
     summaries = {}
     for name in [b.strip() for b in args.benchmark.split(",") if b.strip()]:
         records = _benchmark_records(name, config, args.limit, args.data_dir)
-        reward = countdown_reward if name == "synthetic:countdown" else accuracy_reward
+        countdown = records and str(records[0].get("source", "")).startswith("synthetic-countdown")
+        reward = countdown_reward if countdown else accuracy_reward
         summary, per_problem = evaluate_model(
             graphdef, params, records, tokenizer, template=template, k=args.k, sampling=sampling,
             key=jax.random.key(args.seed), grader=grader_from_reward(reward), mesh=mesh,

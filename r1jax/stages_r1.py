@@ -293,6 +293,7 @@ def finish(ctx: RunContext, stage_dir: Path, graphdef, params, *, template: str,
     if history:
         metrics.update({k: v for k, v in history[-1].items() if k.startswith(("train/loss", "reward/"))})
     metrics.update(evaluate_policy(ctx, graphdef, params, template=template, step=10_000))
+    metrics["eval/template"] = template  # what `python -m r1jax.evaluate --workdir` prompts this stage's model with
     metrics["time/stage_s"] = time.time() - t0
     metrics["time/stage_cpu_s"] = time.process_time() - cpu0
     write_pipeline_report(ctx, {stage_dir.name: metrics})

@@ -192,3 +192,22 @@ def test_math500_gold_solutions_as_model_outputs():
     summary = summarize(results)
     assert summary["num_problems"] == 500 and summary.get("grader_errors", 0) == 0
     assert summary["pass@1"] >= 0.99, [r["id"] for r in results if not r["correct"][0]]
+
+
+def test_the_cli_prompts_a_stage_as_it_was_trained_and_draws_the_runs_own_task(tmp_path):
+    """`python -m r1jax.evaluate --workdir`: an R1 or distillation stage's model gets R1's template (its
+    manifest records it), a stage without one the run's data.template; `--benchmark synthetic` is the
+    run's task (countdown here), not arithmetic."""
+    from configs import r1
+    from r1jax.evaluate import _benchmark_records, _stage_template
+    from r1jax.pipeline import StageManifest
+
+    config = r1.get_config()
+    StageManifest("rl_all", status="done", metrics={"eval/template": "r1"}).write(tmp_path / "rl_all")
+    StageManifest("pretrain", status="done").write(tmp_path / "pretrain")
+    assert _stage_template(config, str(tmp_path), None) == "r1" != config.data.template  # the last stage
+    assert _stage_template(config, str(tmp_path), str(tmp_path / "pretrain" / "final")) == config.data.template
+
+    config.data.train = "synthetic:countdown"
+    records = _benchmark_records("synthetic", config, 3, None)
+    assert [r["source"] for r in records] == ["synthetic-countdown-test"] * 3

@@ -143,6 +143,7 @@ def test_all_four_stages_run_and_chain_by_parameter_hash(runs):
     for s in R1_STAGES[1:]:
         metrics = m[s]["metrics"]
         assert {"eval/pass1", "eval/format", "eval/lang_consistent", "eval/helpfulness"} <= set(metrics), s
+        assert metrics["eval/template"] == "r1", s  # what `python -m r1jax.evaluate --workdir` prompts it with
     assert "| rl_all | rejection_sft |" in (workdir / "report.md").read_text()
 
 
