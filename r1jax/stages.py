@@ -289,6 +289,10 @@ def validate_config(c: ConfigDict, names: list[str]) -> None:
     checks = {"model": model, "checkpoint": checkpoint, "data": data}
     if "pretrain" in names:
         checks["pretrain"] = pretraining
+        if c.model.hf_path:
+            raise ConfigError(f"config.stages={c.stages!r}: the pretrain stage trains the embedded synthetic corpus "
+                              f"into a model from scratch; with model.hf_path={c.model.hf_path!r} (a base model "
+                              "already) leave it out, e.g. --config.stages=rl")
     if "rl" in names:
         checks.update(rl=rl, eval=evaluation)
     for name in names:

@@ -414,6 +414,7 @@ def test_bad_values_fail_before_any_work(tmp_path, monkeypatch, changes, message
     ("distill", {"student_rl.budget_clock": "gpu"}, "config.student_rl: student_rl.budget_clock='gpu'"),
     ("distill", {"student_rl.budget_from": "distil"}, "config.student_rl: student_rl.budget_from='distil' must name"),
     ("distill", {"student_rl.template": "nope"}, "config.student_rl: template='nope' is not registered"),
+    ("r1zero", {"model.hf_path": "/ckpt/Qwen2.5-1.5B"}, "the pretrain stage trains the embedded synthetic corpus"),
 ])
 def test_r1_and_distillation_sections_are_checked_before_any_stage_runs(config_name, changes, message):
     """Every stage's own section, not only R1-Zero's: a bad value in the fourth stage fails before the first
