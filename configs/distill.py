@@ -45,7 +45,8 @@ def get_config() -> ConfigDict:
         teacher=ConfigDict(dict(
             workdir="runs/r1", stage="rl_all",  # an r1 run and the stage whose final params teach
             checkpoint="",  # or: Orbax params saved by a pipeline stage (with `model` below)
-            hf_path="", tokenizer_path="",  # or: an HF folder (config + safetensors + tokenizer)
+            hf_path="",  # or: an HF folder (config + safetensors + its own tokenizer)
+            tokenizer_path="",  # the HF tokenizer folder of a `checkpoint` / `workdir` teacher (default: the run's)
             model=teacher_model,  # the teacher's architecture for `checkpoint` / `workdir`
         )),
         traces_path="",  # or: a JSONL of traces (question, completion); the teacher is then unused

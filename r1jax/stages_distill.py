@@ -61,9 +61,9 @@ def teacher(ctx: RunContext) -> tuple[nnx.Module, Any, str]:
     from r1jax.model import load_hf
 
     t, c = ctx.config.distill.teacher, ctx.config
-    if t.hf_path:
+    if t.hf_path:  # an HF teacher brings its own tokenizer (tokenizer_path serves Orbax checkpoints)
         model = load_hf(t.hf_path, mesh=ctx.mesh, **ctx.runtime_model_fields())
-        return model, load_hf_tokenizer(t.tokenizer_path or t.hf_path), t.hf_path
+        return model, load_hf_tokenizer(t.hf_path), t.hf_path
     checkpoint = Path(t.checkpoint) if t.checkpoint else None
     if checkpoint is None:
         manifest = StageManifest.read(Path(t.workdir) / t.stage)

@@ -337,3 +337,19 @@ def test_user_cold_start_and_trace_files_drop_wrong_answers_and_keep_ungraded_ro
     kept, stats = distill_examples(RunContext(c, tmp_path / "distill"), c.distill, tmp_path / "stage")
     assert stats["data/kept"] == 2 and stats["data/incorrect"] == 1  # (general examples are added after)
     assert [k["question"] for k in kept[:2]] == ["Compute 2 + 3", "Say hello."]
+
+
+def test_an_hf_teacher_samples_with_its_own_tokenizer(tmp_path, monkeypatch):
+    """distill_qwen1p5b's teacher is an r1_qwen7b run (tokenizer_path: Qwen2.5-7B's); the documented
+    alternative, teacher.hf_path=<an R1 model>, must decode with that model's tokenizer, not Qwen's."""
+    from configs import distill_qwen1p5b
+    from r1jax.pipeline import RunContext
+    from r1jax.stages_distill import teacher
+
+    monkeypatch.setattr("r1jax.model.load_hf", lambda path, **_: f"model {path}")
+    monkeypatch.setattr("r1jax.data.tokenizer.load_hf_tokenizer", lambda path: f"tokenizer {path}")
+    config = distill_qwen1p5b.get_config()
+    config.distill.teacher.hf_path = "/ckpt/DeepSeek-R1-Distill-Qwen-7B"
+    assert config.distill.teacher.tokenizer_path == "/ckpt/Qwen2.5-7B"
+    model, tok, source = teacher(RunContext(config, tmp_path))
+    assert (model, tok) == ("model /ckpt/DeepSeek-R1-Distill-Qwen-7B", "tokenizer /ckpt/DeepSeek-R1-Distill-Qwen-7B")
