@@ -243,6 +243,9 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
         raise ConfigError(f"config.stages={config.stages!r}: unknown stage(s) {unknown}; known: {sorted(stages)}")
     if validate is not None:
         validate(config, names)
+    if (workdir / "config.json").exists() and any(StageManifest.read(workdir / n) for n in names):
+        _check_same_run(json.loads((workdir / "config.json").read_text()), json.loads(config.to_json_best_effort()),
+                        workdir)
     ctx = RunContext(config, workdir)
     if jax.process_index() == 0:  # what `python -m r1jax.evaluate --workdir` rebuilds the run from
         workdir.mkdir(parents=True, exist_ok=True)
@@ -275,6 +278,29 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
         manifest.write(stage_dir)
         manifests[name] = previous = manifest
     return manifests
+
+
+# What every stage of a run builds on: changed in a workdir whose stages have started, the run would mix
+# two tokenizers, corpora or architectures. (Model fields that only choose how to compute are free.)
+_RUN_SECTIONS = ("seed", "model", "tokenizer", "data", "pretrain")
+_FREE_FIELDS = ("model.remat", "model.attention_block", "model.dtype")
+
+
+def _check_same_run(before: dict[str, Any], now: dict[str, Any], workdir: Path) -> None:
+    """ConfigError naming the fields of `_RUN_SECTIONS` that differ from the workdir's recorded config."""
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}.{key}").items()}
+
+    old = {k: v for s in _RUN_SECTIONS for k, v in flat(before.get(s), s).items()}
+    new = {k: v for s in _RUN_SECTIONS for k, v in flat(now.get(s), s).items()}
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new})
+               if old.get(k) != new.get(k) and k not in _FREE_FIELDS]
+    if changed:
+        raise ConfigError(f"{workdir} holds a run started with other settings ({'; '.join(changed[:8])}"
+                          f"{'; …' if len(changed) > 8 else ''}): its stages would mix both. Use another --workdir, "
+                          f"or the settings in {workdir / 'config.json'}")
 
 
 def _init_source(config: ConfigDict, name: str, done: dict[str, StageManifest],

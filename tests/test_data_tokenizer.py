@@ -51,7 +51,11 @@ def test_sentencepiece_training_is_deterministic_and_cached(spm_tok, corpus, tmp
     mtime = (tmp_path / "a" / "spm.model").stat().st_mtime_ns
     train_sentencepiece(corpus, 400, tmp_path / "a")  # same inputs: loaded, not retrained
     assert (tmp_path / "a" / "spm.model").stat().st_mtime_ns == mtime
-    train_sentencepiece(corpus[:300], 400, tmp_path / "a")  # changed corpus: retrained
+    changed = r"spm.model was trained on other inputs \(600 texts, now 300; options changed: none\)"
+    with pytest.raises(ValueError, match=changed):
+        train_sentencepiece(corpus[:300], 400, tmp_path / "a")  # changed corpus: the model stays
+    assert (tmp_path / "a" / "spm.model").stat().st_mtime_ns == mtime
+    train_sentencepiece(corpus[:300], 400, tmp_path / "a", overwrite=True)  # unless asked to replace it
     assert (tmp_path / "a" / "spm.model").stat().st_mtime_ns != mtime
     with pytest.raises(ValueError, match="vocab_size"):
         train_sentencepiece(corpus, 100, tmp_path / "b")

@@ -450,6 +450,35 @@ def test_every_shipped_config_passes_its_checks(config_name, preset):
     validate_config(config, [s for s in config.stages.split(",") if s])
 
 
+def test_a_started_workdir_refuses_other_run_settings_and_keeps_its_config(tmp_path, monkeypatch):
+    """Rerunning into a workdir whose stages have started, with another corpus, tokenizer, data or model,
+    would mix two runs (a finished run's tokenizer was retrained under its model by the next command that
+    rebuilt it): refused, naming the fields, config.json left as it was. How a model computes (remat) is
+    free."""
+    from r1jax.pipeline import ConfigError, StageManifest, run_pipeline
+    from r1jax.stages import STAGES, validate_config
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr("r1jax.pipeline.init_model", started)
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(override_config().to_json_best_effort())
+    StageManifest("pretrain").write(workdir / "pretrain")
+    recorded = (workdir / "config.json").read_bytes()
+    changed = override_config(**{"pretrain.corpus_size": 120, "model.hidden_size": 48})
+    with pytest.raises(ConfigError, match=r"holds a run started with other settings \(model.hidden_size: 32 -> 48; "
+                                          r"pretrain.corpus_size: 100 -> 120\)"):
+        run_pipeline(changed, workdir, STAGES, validate=validate_config)
+    assert (workdir / "config.json").read_bytes() == recorded
+    with pytest.raises(Started):  # past the check: building the model
+        run_pipeline(override_config(**{"model.remat": "full"}), workdir, STAGES, validate=validate_config)
+
+
 def test_a_preset_chosen_in_the_config_keeps_its_clip_and_kl_unless_the_config_sets_them():
     from configs.r1zero import get_config
     from r1jax.grpo import PRESETS, GRPOConfig

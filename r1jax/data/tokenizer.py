@@ -157,6 +157,7 @@ def train_sentencepiece(
     user_symbols: Sequence[str] = DEFAULT_USER_SYMBOLS,
     model_type: str = "bpe",
     options: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> SentencePieceTokenizer:
     """Train (or load from `model_dir`, if trained there on the same inputs) a sentencepiece model.
 
@@ -171,6 +172,8 @@ def train_sentencepiece(
       options: further `SentencePieceTrainer` options, overriding the defaults (part of the cache
         fingerprint). E.g. `split_by_whitespace=False, split_by_unicode_script=False` lets pieces span
         words, so a fixed prompt template that fills the corpus becomes a handful of tokens.
+      overwrite: replace a model that `model_dir` holds for other inputs. Off, that is an error: the
+        models trained with it would read another tokenizer's ids.
     """
     import sentencepiece as spm
 
@@ -199,6 +202,12 @@ def train_sentencepiece(
             cached = {}
         if cached.get("sha256") == fingerprint["sha256"]:
             return SentencePieceTokenizer(model_file)
+        if not overwrite:
+            before = cached.get("options") or {}
+            changed = sorted(k for k in {*before, *options} if before.get(k) != options.get(k))
+            raise ValueError(f"{model_file} was trained on other inputs ({cached.get('num_texts')} texts, now "
+                             f"{len(texts)}; options changed: {changed or 'none'}): models trained with it read its "
+                             "ids. Use another folder, or overwrite=True to replace it")
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buffer, **options)
