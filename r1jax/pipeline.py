@@ -260,12 +260,19 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
             manifests[name] = previous = manifest
             continue
         source, init = _init_source(config, name, manifests, previous)
-        model = ctx.initial_model() if init is None else ctx.model_from(Path(init.checkpoint))
+        # An earlier stage's final parameters in this workdir (not the absolute path its manifest recorded,
+        # which a copied or moved workdir does not hold), checked against the hash it recorded.
+        model = ctx.initial_model() if init is None else ctx.model_from(workdir / init.name / "final")
         init_hash = param_hash(nnx.state(model))
+        if init is not None and init.param_hash and init_hash != init.param_hash:
+            raise ConfigError(f"{workdir / init.name / 'final'}: its parameters (hash {init_hash}) are not those "
+                              f"stage {init.name} finished with ({init.param_hash}); rerun that stage (move its "
+                              "folder aside) or restore them")
         if manifest is None:
             manifest = StageManifest(name=name, config=_stage_config(config, name), started=time.time())
         manifest.init_source = source
-        manifest.init_checkpoint = init.checkpoint if init else (config.model.hf_path or "random-init")
+        manifest.init_checkpoint = str((workdir / init.name / "final").absolute()) if init else (
+            config.model.hf_path or "random-init")
         manifest.init_param_hash = init_hash
         manifest.write(stage_dir)
         print(f"[r1jax] stage {name}: starting from {manifest.init_checkpoint}", flush=True)

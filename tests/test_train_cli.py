@@ -479,6 +479,41 @@ def test_a_started_workdir_refuses_other_run_settings_and_keeps_its_config(tmp_p
         run_pipeline(override_config(**{"model.remat": "full"}), workdir, STAGES, validate=validate_config)
 
 
+def test_a_copied_workdir_chains_its_own_stages_and_checks_their_hashes(tmp_path):
+    """Stages hand on the parameters in their own workdir, not the absolute path a manifest recorded (a
+    copy went on from the original's files), and a stage's `final` that no longer matches its recorded
+    hash is refused."""
+    import shutil
+
+    import jax
+    from flax import nnx
+
+    from r1jax.pipeline import ConfigError, RunContext, StageManifest, run_pipeline, save_params
+
+    def bump(ctx, model, stage_dir):  # a stand-in stage that changes every parameter
+        graphdef, state = nnx.split(model)
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x + 1, state)), {}
+
+    stages = {"pretrain": bump, "rl": bump}
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    run_pipeline(override_config(), original, stages)
+    shutil.copytree(original, copy)
+    shutil.rmtree(copy / "rl")
+    pretrain = StageManifest.read(copy / "pretrain")
+    final = original / "pretrain" / "final"
+    changed, _ = bump(None, RunContext(override_config(), original).model_from(final), None)
+    shutil.rmtree(final)
+    save_params(nnx.state(changed), final)  # the original's files change: the copy must not see it
+    rl = run_pipeline(override_config(), copy, stages)["rl"]
+    assert rl.init_checkpoint == str((copy / "pretrain" / "final").absolute())
+    assert rl.init_param_hash == pretrain.param_hash
+    shutil.rmtree(copy / "rl")
+    shutil.rmtree(copy / "pretrain" / "final")
+    shutil.copytree(original / "pretrain" / "final", copy / "pretrain" / "final")
+    with pytest.raises(ConfigError, match=r"pretrain/final: its parameters \(hash \w+\) are not those stage pretrain"):
+        run_pipeline(override_config(), copy, stages)
+
+
 def test_a_preset_chosen_in_the_config_keeps_its_clip_and_kl_unless_the_config_sets_them():
     from configs.r1zero import get_config
     from r1jax.grpo import PRESETS, GRPOConfig
