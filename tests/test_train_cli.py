@@ -256,8 +256,12 @@ def test_sigterm_saves_and_sigkill_resumes_to_the_same_run(reference, env, tmp_p
     assert f"checkpoint step {CHECKPOINT_EVERY} in {corrupt / 'rl' / 'checkpoints'} cannot be restored" in out, \
         out[-3000:]
     assert f"To resume from step {stopped}" in out and "Nothing was deleted" in out
-    assert [f for f in listing(corrupt) if not f[0].startswith(("rl/metrics", "rl/tensorboard"))] == \
-        [f for f in files if not f[0].startswith(("rl/metrics", "rl/tensorboard"))]
+    # (the rl manifest is rewritten: the copy's rl stage starts from the copy's own pretrain/final)
+    rewritten = ("rl/metrics", "rl/tensorboard", "rl/manifest.json")
+    assert [f for f in listing(corrupt) if not f[0].startswith(rewritten)] == \
+        [f for f in files if not f[0].startswith(rewritten)]
+    manifest = json.loads((corrupt / "rl" / "manifest.json").read_text())
+    assert manifest["status"] == "running" and manifest["init_checkpoint"] == str(corrupt / "pretrain" / "final")
 
     # 4. Resume to the end: everything as in the uninterrupted run.
     proc = start(env, workdir)
