@@ -94,7 +94,10 @@ def score_countdown(completion: str, target: int, numbers: Sequence[int]) -> flo
         equation, _, rhs = equation.partition("=")
         # a plain number only: Fraction also reads exponents, and "1e999999999" builds that power of ten
         claimed = _NUMBER.fullmatch(rhs.strip())
-        if claimed is None or int(claimed.group(1) or 1) == 0 or Fraction(claimed.group(0)) != Fraction(target):
+        try:  # ("1.5/2" matches the pattern and is no Fraction)
+            if claimed is None or int(claimed.group(1) or 1) == 0 or Fraction(claimed.group(0)) != Fraction(target):
+                return WRONG
+        except ValueError:
             return WRONG
     try:
         value, literals = evaluate_expression(equation)
