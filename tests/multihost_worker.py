@@ -1,7 +1,7 @@
 """One process of tests/test_multihost.py's 2-process runs: 4 CPU devices each, one (2, 2, 2) mesh over
 all 8 (process 0 holds the mesh's data row 0, process 1 row 1), and this process's half of the work.
 
-    python tests/multihost_worker.py sample|grpo|sft|evaluate|checkpoint PROCESS_ID PORT OUT.npz
+    python tests/multihost_worker.py sample|grpo|sft|sft_bad_pair|evaluate|checkpoint PROCESS_ID PORT OUT.npz
 """
 
 import os
@@ -134,6 +134,28 @@ def sft(process_id: int, mesh) -> dict[str, np.ndarray]:
     return trained(*sft_run(mesh, process_id, jax.process_count()))
 
 
+def sft_bad_pair(process_id: int, mesh) -> dict[str, np.ndarray]:
+    """Two good SFT steps, then a step where only process 1 holds a prompt longer than max_length: the
+    step's error as each process saw it, and how many steps each completed."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_trainer import initial_params, model_from
+
+    from r1jax.trainers.optim import OptimConfig
+    from r1jax.trainers.sft import SFTConfig, SFTTrainer
+
+    config = SFTConfig(steps=STEPS, batch_size=4, optim=OptimConfig(learning_rate=1e-2), max_length=16)
+    trainer = SFTTrainer(config, model_from(initial_params(), mesh), pad_id=0, mesh=mesh)
+    done = 0
+    try:
+        for step in range(STEPS):
+            prompt = [1] * (20 if step == 2 and process_id == 1 else 3)
+            trainer.step(lambda prompt=prompt: [(prompt, [5, 6, 7]), ([1, 4], [8, 9])])
+            done += 1
+    except ValueError as e:
+        return {"done": np.asarray(done), "error": np.asarray(str(e))}
+    return {"done": np.asarray(done), "error": np.asarray("")}
+
+
 def checkpoint(process_id: int, mesh, directory: str) -> dict[str, np.ndarray]:
     """Save a row-sharded array with this process's own data-iterator state, restore both."""
     import jax
@@ -183,7 +205,8 @@ def main(mode: str, process_id: int, port: int, out: str) -> None:
     if mode == "checkpoint":
         result = checkpoint(process_id, mesh, os.path.join(os.path.dirname(out), "checkpoints"))
     else:
-        result = {"sample": sample, "grpo": grpo, "sft": sft, "evaluate": evaluate}[mode](process_id, mesh)
+        result = {"sample": sample, "grpo": grpo, "sft": sft, "sft_bad_pair": sft_bad_pair,
+                  "evaluate": evaluate}[mode](process_id, mesh)
     np.savez(out, **result)
     jax.distributed.shutdown()
 

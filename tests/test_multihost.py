@@ -119,6 +119,16 @@ def test_sft_steps_on_two_processes_equal_one_process(tmp_path):
     assert_same_training(parts, *worker.sft_run(make_mesh(2, 2, 2)), ("train/loss", "train/tokens", "batch_shape"))
 
 
+def test_sft_pair_too_long_on_one_process_stops_every_process(tmp_path):
+    """A prompt longer than sft.max_length in process 1's share of a step: both processes raise at that
+    step, process 1 naming the pair and process 0 naming process 1 (rather than waiting for ever in the
+    update's collectives)."""
+    parts = run_two_processes("sft_bad_pair", tmp_path, timeout=120)
+    assert [int(p["done"]) for p in parts] == [2, 2]
+    assert "process 1's SFT batch" in str(parts[0]["error"])
+    assert "pair 0: a prompt of 20 tokens" in str(parts[1]["error"]) and "sft.max_length=16" in str(parts[1]["error"])
+
+
 def test_checkpoint_keeps_every_process_data_state(tmp_path):
     """Each host reads its own data shard, so a multi-host checkpoint keeps every process's iterator
     state (Orbax writes JSON from process 0 only) and each gets its own back; one process cannot

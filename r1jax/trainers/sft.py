@@ -59,13 +59,7 @@ def sft_batch(
     longest: the (prompt, kept completion) lengths to bucket for, instead of these pairs' own
     (`longest_lengths`; on several hosts the maximum over all of them, so every process pads alike).
     """
-    if not pairs:
-        raise ValueError("sft_batch needs at least one (prompt, completion) pair")
-    for i, (p, _) in enumerate(pairs):
-        if not len(p):
-            raise ValueError(f"pair {i}: the prompt is empty (use [bos] for unconditional text)")
-        if len(p) >= max_length:
-            raise ValueError(f"pair {i}: a prompt of {len(p)} tokens leaves no room under sft.max_length={max_length}")
+    check_pairs(pairs, max_length)
     prompt_max, completion_max = longest or longest_lengths(pairs, max_length)
     p_len, c_len = (min(bucket(n, 8), max_length) for n in (prompt_max, completion_max))
     b = len(pairs)
@@ -78,6 +72,17 @@ def sft_batch(
         out["prompt_tokens"][i, :len(p)], out["prompt_mask"][i, :len(p)] = p, True
         out["tokens"][i, :len(c)], out["mask"][i, :len(c)] = c, True
     return out
+
+
+def check_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> None:
+    """ValueError naming the first pair that `sft_batch` cannot lay out (or an empty batch)."""
+    if not pairs:
+        raise ValueError("an SFT batch needs at least one (prompt, completion) pair")
+    for i, (p, _) in enumerate(pairs):
+        if not len(p):
+            raise ValueError(f"pair {i}: the prompt is empty (use [bos] for unconditional text)")
+        if len(p) >= max_length:
+            raise ValueError(f"pair {i}: a prompt of {len(p)} tokens leaves no room under sft.max_length={max_length}")
 
 
 def longest_lengths(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> tuple[int, int]:
@@ -111,10 +116,21 @@ class SFTTrainer:
 
     def step(self, next_batch: Callable[[], Sequence[tuple[Sequence[int], Sequence[int]]]]) -> dict[str, float]:
         """One optimizer step on the next batch of (prompt ids, completion ids) pairs."""
-        pairs = next_batch()
-        longest = np.asarray([longest_lengths(pairs, self.config.max_length)])
-        longest = tuple(int(n) for n in gather_processes(longest).max(0))  # this process's own, on one host
-        rows = sft_batch(pairs, self.pad_id, self.config.max_length, longest)
+        pairs, max_length = next_batch(), self.config.max_length
+        try:
+            check_pairs(pairs, max_length)
+            error = None
+        except ValueError as e:
+            error = e
+        # every process learns of a bad pair on any of them, and all stop (rather than the others waiting
+        # in the update's collectives for one that raised); this process's own lengths, on one host
+        stats = gather_processes(np.asarray([[*longest_lengths(pairs, max_length), error is not None]]))
+        if error is not None:
+            raise error
+        if stats[:, 2].any():
+            raise ValueError(f"process {int(np.argmax(stats[:, 2]))}'s SFT batch has a pair it cannot lay out "
+                             "(its log names it): every process stops")
+        rows = sft_batch(pairs, self.pad_id, max_length, tuple(int(n) for n in stats[:, :2].max(0)))
         batch = {k: global_rows(v, self.mesh) for k, v in rows.items()}
         with mesh_context(self.mesh):
             self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, batch)
