@@ -14,6 +14,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -26,13 +27,12 @@ from r1jax.rewards import combine
 from r1jax.sampling import SampleOutput, SamplingConfig
 from r1jax.sharding import make_mesh
 from r1jax.trainers.loop import run_loop
-from r1jax.trainers.optim import OptimConfig, make_optimizer
+from r1jax.trainers.optim import OptimConfig, make_optimizer, schedule_step
 from r1jax.trainers.rl import (
     GRPOTrainer,
     RLConfig,
     forward_flops,
     generation_flops,
-    optimizer_steps,
     scoring_flops,
 )
 from r1jax.trainers.sft import sft_batch
@@ -281,11 +281,19 @@ def test_dynamic_sampling_trains_on_whole_informative_groups_and_masks_what_it_c
     assert all(np.isfinite(m["train/loss"]) for m in history)  # filler rows count for nothing in the loss
 
 
+def adam_steps(opt_state) -> int:
+    """How many updates AdamW has applied."""
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    (state,) = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
+    return int(state.count)
+
+
 def test_dynamic_sampling_takes_no_optimizer_step_on_filler_only_minibatches(initial):
     """A minibatch of filler rows alone (dynamic sampling ran out of rounds) has no gradient, but an AdamW
     step on it would still move the weights by the momentum of earlier steps: it takes no step. A step
     that keeps no group at all leaves the weights alone and reports no batch or update metrics (no NaN
-    for the non-finite guard to stop the run on)."""
+    for the non-finite guard to stop the run on). The learning-rate schedule counts the skipped updates
+    too, so that a cosine decay still ends where planned."""
     config = rl_config(steps=3, dynamic_sampling=True, max_sampling_rounds=1, num_minibatches=4, micro_batches=1,
                        loss=GRPOConfig(group_size=4, beta=0.0, num_iterations=1))
     rewards = [fraction_of_a, lambda prompts, completions, **_: [0.5] * len(prompts), a_unless_prompt_starts_late]
@@ -299,7 +307,8 @@ def test_dynamic_sampling_takes_no_optimizer_step_on_filler_only_minibatches(ini
         metrics = trainer.step(stream)
         check_finite(trainer.step_count, metrics)
         params.append(host(trainer.params))
-        steps_taken.append(optimizer_steps(trainer.opt_state))
+        steps_taken.append(adam_steps(trainer.opt_state))
+        assert schedule_step(trainer.opt_state) == trainer.step_count * config.num_minibatches
         kept = round(metrics["groups/sampled"] * (1 - metrics["groups/zero_std_fraction"]))
         assert steps_taken[-1] - (steps_taken[-2] if len(steps_taken) > 1 else 0) == kept  # one group a minibatch
         assert ("train/loss" in metrics) == ("reward/mean" in metrics) == (kept > 0)

@@ -66,6 +66,23 @@ def decay_mask(params):
         lambda path, p: p.ndim > 1 and not _parameter_name(path).endswith(("bias", "scale")), params)
 
 
+def _is_schedule_state(x) -> bool:
+    return isinstance(x, optax.ScaleByScheduleState)
+
+
+def skip_update(opt_state):
+    """`opt_state` after a planned update that is not taken (a minibatch with no data): the learning-rate
+    schedule moves on, so that it still ends where planned; AdamW's moments and step count stay."""
+    return jax.tree.map(lambda x: x._replace(count=x.count + 1) if _is_schedule_state(x) else x, opt_state,
+                        is_leaf=_is_schedule_state)
+
+
+def schedule_step(opt_state) -> int:
+    """How many planned updates the schedule has counted, taken or skipped."""
+    (state,) = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_schedule_state) if _is_schedule_state(x)]
+    return int(state.count)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)

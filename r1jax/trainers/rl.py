@@ -29,7 +29,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -39,7 +38,7 @@ from r1jax.model import ModelConfig
 from r1jax.rewards import CombinedReward
 from r1jax.sampling import SampleOutput, SamplingConfig, sample_groups
 from r1jax.sharding import DEFAULT_RULES, all_processes, gather_processes, global_rows, row_blocks, sum_processes
-from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from r1jax.trainers.optim import OptimConfig, learning_rate_schedule, make_optimizer, schedule_step, skip_update
 from r1jax.trainers.steps import (
     grpo_objective,
     init_train_state,
@@ -269,6 +268,7 @@ class GRPOTrainer:
                 for i in range(cfg.num_minibatches):
                     idx = order[i * mb:(i + 1) * mb]
                     if not real[idx].any():  # only filler: no step (AdamW's momentum would still move weights)
+                        opt_state = skip_update(opt_state)
                         continue
                     minibatch = batch_dev if cfg.num_minibatches == 1 else _one_at_a_time(_take_rows(batch_dev, idx))
                     params, opt_state, m = _one_at_a_time(self._update(params, opt_state, minibatch))
@@ -288,7 +288,7 @@ class GRPOTrainer:
         sampled_groups, zero_groups, flops = sum_processes(np.asarray([sampled_groups, zero_groups, flops]))
         metrics = _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups, zero_groups)
         metrics["time/old_logp"] = old_time
-        metrics["train/lr"] = float(self.schedule(max(optimizer_steps(self.opt_state) - 1, 0)))  # the last update's
+        metrics["train/lr"] = float(self.schedule(max(schedule_step(self.opt_state) - 1, 0)))  # the last update's
         metrics["time/step"] = time.perf_counter() - t0
         metrics["tokens_per_s"] = float(host["lengths"].sum()) / metrics["time/step"]
         # Model FLOPs of the work done on the real rows (whole groups: filler rows come in groups):
@@ -314,11 +314,6 @@ def _one_at_a_time(outputs):
     collectives (gloo) then meet in different orders on different hosts: a deadlock (seen: an update
     and the next minibatch's row gather). One process, or one device stream per chip: as they are."""
     return jax.block_until_ready(outputs) if jax.process_count() > 1 else outputs
-
-
-def optimizer_steps(opt_state) -> int:
-    """How many updates the optimizer has applied (optax's step count, as its schedule reads it)."""
-    return int(optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1])
 
 
 def updates_per_step(cfg: RLConfig) -> int:
