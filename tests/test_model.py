@@ -152,6 +152,21 @@ def test_export_over_an_earlier_export_leaves_only_the_new_weights(tmp_path):
         assert (hf.config.bos_token_id, hf.config.eos_token_id) == (1, 2)
 
 
+def test_special_ids_in_extra_config_win_over_the_tokenizers_in_both_files(tmp_path):
+    """extra_config is the explicit choice (Llama 3 Instruct stops at a list of EOS ids, its tokenizer names one):
+    its special ids win in config.json and generation_config.json; the same ids as the tokenizer's are no error."""
+    model, tok = init_model(get_preset("tiny-llama"), seed=0), types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0)
+    out = save_hf(model, tmp_path / "same", tokenizer=tok, extra_config={"eos_token_id": 2, "pad_token_id": 0})
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
+    out = save_hf(model, tmp_path / "list", tokenizer=tok, extra_config={"eos_token_id": [2, 5], "use_cache": False})
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"], config["use_cache"]) == (
+        1, [2, 5], 0, False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert (hf.generation_config.bos_token_id, hf.generation_config.eos_token_id) == (1, [2, 5])
+
+
 def test_corrupt_weights_and_null_config_fields_are_errors_that_name_the_file(tmp_path):
     out = save_hf(init_model(get_preset("tiny-llama"), seed=0), tmp_path / "export")
     config = json.loads((out / "config.json").read_text())

@@ -175,7 +175,9 @@ def save_hf(
     file after shards, or the reverse) are removed once the new ones are written: left there, they
     would shadow the new weights for one loader or the other. `tokenizer` (anything with `bos_id`,
     `eos_id`, `pad_id`): its special ids go into config.json and a generation_config.json, so that
-    `generate` in transformers stops at its EOS.
+    `generate` in transformers stops at its EOS. `extra_config` is added to config.json; its
+    `bos_token_id` / `eos_token_id` / `pad_token_id` win over the tokenizer's, in both files (Llama 3
+    Instruct stops at a list of EOS ids where its tokenizer names one).
     """
     cfg: ModelConfig = model.cfg
     folder = Path(path)
@@ -212,9 +214,10 @@ def save_hf(
         written = {folder / f for f in weight_map.values()} | {folder / INDEX_FILE}
     for f in stale - written:
         f.unlink(missing_ok=True)
-    special = {} if tokenizer is None else {
-        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    hf = to_hf_config(cfg, **special, **(extra_config or {}))
+    extra = dict(extra_config or {})
+    special = {} if tokenizer is None else {key: extra.get(key, value) for key, value in (
+        ("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id), ("pad_token_id", tokenizer.pad_id))}
+    hf = to_hf_config(cfg, **{**special, **extra})
     hf["torch_dtype"] = str(dtype)
     (folder / "config.json").write_text(json.dumps(hf, indent=2))
     if special:
