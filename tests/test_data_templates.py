@@ -20,6 +20,11 @@ def test_r1_zero_prompt_is_the_papers():
     assert templates.parse_r1_zero("<think> 2+3=5 </think> <answer> 5 </answer>") == ("2+3=5", "5")
     for bad in ("<answer> 5 </answer>", "<think> a </think> <answer> 5 </answer> extra", "<think></think>"):
         assert templates.parse_r1_zero(bad) is None
+    # a reasoning ending in "<think" and an answer starting with ">" hold no tag between them
+    assert templates.parse_r1_zero("<think> a <think</think><answer>> 5</answer>") == ("a <think", "> 5")
+    assert templates.parse_r1_zero("\n<think></think>\t<answer></answer> ") == ("", "")
+    spam = "<think>" + "</think> <answer>" * 20_000  # scanned once (the regular expression it replaces took ~25 s)
+    assert templates.parse_r1_zero(spam) is None and templates.parse_r1_zero(spam + "</answer>") is None
 
 
 def test_cold_start_format_and_configurable_token():

@@ -13,7 +13,6 @@ template) so that an HF model sees exactly the prompt it was trained with.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -151,17 +150,16 @@ def parse_cold_start(text: str, *, special_token: str = DEFAULT_SPECIAL_TOKEN) -
     return parts[1].strip(), parts[2].strip()
 
 
-_R1_ZERO_RE = re.compile(
-    r"^\s*<think>(?P<reasoning>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*$", flags=re.DOTALL
-)
-
-
 def parse_r1_zero(text: str) -> tuple[str, str] | None:
     """(reasoning, answer) from `<think> … </think> <answer> … </answer>`, or None if malformed.
 
     Strict: one think block then one answer block and nothing else, as the format reward expects.
+    Linear in the text's length (model output: a completion of tag spam must not stall the rewards).
     """
-    match = _R1_ZERO_RE.match(text)
-    if match is None or any(tag in match["reasoning"] + match["answer"] for tag in R1_TAGS):
+    if any(text.count(tag) != 1 for tag in R1_TAGS):
         return None
-    return match["reasoning"].strip(), match["answer"].strip()
+    starts = [text.index(tag) for tag in R1_TAGS]
+    ends = [start + len(tag) for start, tag in zip(starts, R1_TAGS, strict=True)]
+    if starts != sorted(starts) or any(s.strip() for s in (text[:starts[0]], text[ends[1]:starts[2]], text[ends[3]:])):
+        return None
+    return text[ends[0]:starts[1]].strip(), text[ends[2]:starts[3]].strip()
