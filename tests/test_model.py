@@ -167,6 +167,19 @@ def test_special_ids_in_extra_config_win_over_the_tokenizers_in_both_files(tmp_p
     assert (hf.generation_config.bos_token_id, hf.generation_config.eos_token_id) == (1, [2, 5])
 
 
+def test_export_without_tokenizer_removes_an_earlier_generation_config(tmp_path):
+    """transformers takes the stop ids of generate() from generation_config.json over config.json: one left by an
+    earlier export with another tokenizer would stop generation at its EOS, so an export that writes none removes
+    it (as save_pretrained rewrites it); files of others stay."""
+    model = init_model(get_preset("tiny-llama"), seed=0)
+    out = save_hf(model, tmp_path / "export", tokenizer=types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0))
+    (out / "tokenizer.json").write_text("{}")
+    save_hf(model, out, extra_config={"eos_token_id": 7})
+    assert not (out / "generation_config.json").exists() and (out / "tokenizer.json").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert hf.config.eos_token_id == hf.generation_config.eos_token_id == 7
+
+
 def test_corrupt_weights_and_null_config_fields_are_errors_that_name_the_file(tmp_path):
     out = save_hf(init_model(get_preset("tiny-llama"), seed=0), tmp_path / "export")
     config = json.loads((out / "config.json").read_text())

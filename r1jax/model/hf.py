@@ -28,6 +28,7 @@ from r1jax.model.transformer import Transformer
 from r1jax.sharding import DEFAULT_RULES, ShardingRules
 
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_FILE = "generation_config.json"
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the names `save_hf` (and transformers) write
 
 Convert = Callable[[np.ndarray], np.ndarray]
@@ -171,13 +172,15 @@ def save_hf(
 ) -> Path:
     """Write `model` as an HF folder (config.json + safetensors); only process 0 writes.
 
-    Weight files of an earlier export into the same folder that this one does not rewrite (a single
-    file after shards, or the reverse) are removed once the new ones are written: left there, they
-    would shadow the new weights for one loader or the other. `tokenizer` (anything with `bos_id`,
-    `eos_id`, `pad_id`): its special ids go into config.json and a generation_config.json, so that
-    `generate` in transformers stops at its EOS. `extra_config` is added to config.json; its
-    `bos_token_id` / `eos_token_id` / `pad_token_id` win over the tokenizer's, in both files (Llama 3
-    Instruct stops at a list of EOS ids where its tokenizer names one).
+    Files of an earlier export into the same folder that this one does not rewrite (a single weight
+    file after shards or the reverse, a generation_config.json when no tokenizer is given) are removed
+    once the new ones are written: left there, they would shadow the new ones (transformers takes
+    generate()'s stop ids from generation_config.json over config.json). Other files stay.
+
+    `tokenizer` (anything with `bos_id`, `eos_id`, `pad_id`): its special ids go into config.json and a
+    generation_config.json, so that `generate` in transformers stops at its EOS. `extra_config` is added
+    to config.json; its `bos_token_id` / `eos_token_id` / `pad_token_id` win over the tokenizer's, in
+    both files (Llama 3 Instruct stops at a list of EOS ids where its tokenizer names one).
     """
     cfg: ModelConfig = model.cfg
     folder = Path(path)
@@ -197,7 +200,8 @@ def save_hf(
         shards[-1][name] = t
         size += t.nbytes
     meta = {"format": "pt"}
-    stale = {f for f in folder.glob("model*.safetensors") if _WEIGHT_FILE.fullmatch(f.name)} | {folder / INDEX_FILE}
+    stale = {f for f in folder.glob("model*.safetensors") if _WEIGHT_FILE.fullmatch(f.name)}
+    stale |= {folder / INDEX_FILE, folder / GENERATION_FILE}
     if len(shards) == 1:
         save_file(shards[0], folder / "model.safetensors", metadata=meta)
         written = {folder / "model.safetensors"}
@@ -212,8 +216,6 @@ def save_hf(
         (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                     indent=2))
         written = {folder / f for f in weight_map.values()} | {folder / INDEX_FILE}
-    for f in stale - written:
-        f.unlink(missing_ok=True)
     extra = dict(extra_config or {})
     special = {} if tokenizer is None else {key: extra.get(key, value) for key, value in (
         ("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id), ("pad_token_id", tokenizer.pad_id))}
@@ -221,6 +223,9 @@ def save_hf(
     hf["torch_dtype"] = str(dtype)
     (folder / "config.json").write_text(json.dumps(hf, indent=2))
     if special:
-        (folder / "generation_config.json").write_text(json.dumps(special, indent=2))
+        (folder / GENERATION_FILE).write_text(json.dumps(special, indent=2))
+        written.add(folder / GENERATION_FILE)
+    for f in stale - written:
+        f.unlink(missing_ok=True)
     return folder
 
