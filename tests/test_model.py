@@ -2,6 +2,7 @@
 
 import json
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,37 @@ def test_export_without_tokenizer_removes_an_earlier_generation_config(tmp_path)
     assert not (out / "generation_config.json").exists() and (out / "tokenizer.json").exists()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
     assert hf.config.eos_token_id == hf.generation_config.eos_token_id == 7
+
+
+def test_a_failed_export_leaves_the_previous_export_as_it_was(tmp_path, monkeypatch):
+    """A full disk halfway through the weights, or a config value JSON cannot write: the new files are
+    written aside and moved in only when all are complete, so the earlier export still loads, unchanged."""
+    import r1jax.model.hf as hf_module
+
+    old, new = (init_model(get_preset("tiny-llama"), seed=s) for s in (0, 1))
+    out = save_hf(old, tmp_path / "export", tokenizer=types.SimpleNamespace(bos_id=1, eos_id=2, pad_id=0))
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    real_save_file, calls, fail_at = hf_module.save_file, [], [0]
+
+    def disk_full(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) < fail_at[0]:
+            return real_save_file(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_module, "save_file", disk_full)
+    for kwargs, fail_at[0] in (({}, 1), ({"max_shard_bytes": 40_000}, 2)):  # the single file; the second shard
+        calls.clear()
+        with pytest.raises(OSError, match="No space left"):
+            save_hf(new, out, **kwargs)
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    monkeypatch.setattr(hf_module, "save_file", real_save_file)
+    with pytest.raises(TypeError, match="int64"):
+        save_hf(new, out, extra_config={"eos_token_id": np.int64(2)})
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    x = jnp.asarray(tokens(1, 8))
+    np.testing.assert_array_equal(np.asarray(load_hf(out)(x)), np.asarray(old(x)))
 
 
 def test_corrupt_weights_and_null_config_fields_are_errors_that_name_the_file(tmp_path):

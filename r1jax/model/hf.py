@@ -3,7 +3,8 @@
 Loading reads each tensor once per host (safetensors, memory-mapped), converts it to our
 einsum-friendly layout and builds the global array with `jax.make_array_from_callback`, so each
 device receives only its shard. Saving writes `config.json`, safetensors shards and (when there
-is more than one shard) `model.safetensors.index.json`, which `transformers` loads as is.
+is more than one shard) `model.safetensors.index.json`, which `transformers` loads as is; the new
+files are written aside and moved in together, so a failed export never destroys an earlier one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -172,15 +175,16 @@ def save_hf(
 ) -> Path:
     """Write `model` as an HF folder (config.json + safetensors); only process 0 writes.
 
-    Files of an earlier export into the same folder that this one does not rewrite (a single weight
-    file after shards or the reverse, a generation_config.json when no tokenizer is given) are removed
-    once the new ones are written: left there, they would shadow the new ones (transformers takes
-    generate()'s stop ids from generation_config.json over config.json). Other files stay.
-
     `tokenizer` (anything with `bos_id`, `eos_id`, `pad_id`): its special ids go into config.json and a
-    generation_config.json, so that `generate` in transformers stops at its EOS. `extra_config` is added
-    to config.json; its `bos_token_id` / `eos_token_id` / `pad_token_id` win over the tokenizer's, in
-    both files (Llama 3 Instruct stops at a list of EOS ids where its tokenizer names one).
+    generation_config.json, so that `generate` in transformers stops at its EOS. `extra_config` is added to
+    config.json; its `bos_token_id` / `eos_token_id` / `pad_token_id` win over the tokenizer's, in both files
+    (Llama 3 Instruct stops at a list of EOS ids where its tokenizer names one).
+
+    The files this function writes (weights, index, config.json, generation_config.json) are written aside
+    and moved in only once all are complete: an export that fails leaves the earlier one as it was. Those of
+    an earlier export that this one does not rewrite (a single weight file after shards or the reverse, a
+    generation_config.json when no tokenizer is given) are then removed, as they would shadow the new ones;
+    other files in the folder (a tokenizer's) are left alone.
     """
     cfg: ModelConfig = model.cfg
     folder = Path(path)
@@ -190,7 +194,11 @@ def save_hf(
                for p, name, _, _, to_hf in _tensor_map(cfg)}
     if jax.process_index() != 0:
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    extra = dict(extra_config or {})
+    special = {} if tokenizer is None else {key: extra.get(key, value) for key, value in (
+        ("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id), ("pad_token_id", tokenizer.pad_id))}
+    hf = to_hf_config(cfg, **{**special, **extra})
+    hf["torch_dtype"] = str(dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -199,33 +207,31 @@ def save_hf(
             size = 0
         shards[-1][name] = t
         size += t.nbytes
-    meta = {"format": "pt"}
-    stale = {f for f in folder.glob("model*.safetensors") if _WEIGHT_FILE.fullmatch(f.name)}
-    stale |= {folder / INDEX_FILE, folder / GENERATION_FILE}
+    # Serialised before any file is touched: a value JSON cannot write fails here, not after the weights.
+    texts: dict[str, str] = {}
     if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata=meta)
-        written = {folder / "model.safetensors"}
+        weight_files = {"model.safetensors": shards[0]}
     else:
-        n = len(shards)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            save_file(shard, folder / fname, metadata=meta)
-            weight_map.update({name: fname for name in shard})
+        weight_files = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
+        weight_map = {name: fname for fname, shard in weight_files.items() for name in shard}
         total = sum(t.nbytes for t in tensors.values())
-        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                    indent=2))
-        written = {folder / f for f in weight_map.values()} | {folder / INDEX_FILE}
-    extra = dict(extra_config or {})
-    special = {} if tokenizer is None else {key: extra.get(key, value) for key, value in (
-        ("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id), ("pad_token_id", tokenizer.pad_id))}
-    hf = to_hf_config(cfg, **{**special, **extra})
-    hf["torch_dtype"] = str(dtype)
-    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+        texts[INDEX_FILE] = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    texts["config.json"] = json.dumps(hf, indent=2)
     if special:
-        (folder / GENERATION_FILE).write_text(json.dumps(special, indent=2))
-        written.add(folder / GENERATION_FILE)
-    for f in stale - written:
+        texts[GENERATION_FILE] = json.dumps(special, indent=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    ours = {f for f in folder.glob("model*.safetensors") if _WEIGHT_FILE.fullmatch(f.name)}
+    ours |= {folder / INDEX_FILE, folder / GENERATION_FILE}
+    staging = Path(tempfile.mkdtemp(prefix=".save_hf-", dir=folder))  # same filesystem: os.replace is a rename
+    try:
+        for fname, shard in weight_files.items():
+            save_file(shard, staging / fname, metadata={"format": "pt"})
+        for fname, text in texts.items():
+            (staging / fname).write_text(text)
+        for fname in (*weight_files, *texts):  # weights, index, then config.json
+            os.replace(staging / fname, folder / fname)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for f in ours - {folder / fname for fname in (*weight_files, *texts)}:
         f.unlink(missing_ok=True)
     return folder
-
