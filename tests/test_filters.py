@@ -113,6 +113,71 @@ def test_wrong_equations():
     assert reject_reason(lucky, FilterConfig(check_arithmetic=False)) is None
 
 
+# Whole equations in ordinary markdown and prose: checked (each text holds this many false ones).
+@pytest.mark.parametrize("text, wrong", [
+    ("- 2+2=5", 1),  # bullets
+    ("* 2+2=5", 1),
+    ("+ 2+2=5", 1),
+    ("  - 2+2=5", 1),
+    ("- 2+2=4\n- 3+3=7\n- 4+4=9", 2),  # a bullet on the next line does not continue the one before
+    ("1. 2+2=5", 1),  # list labels
+    ("a) 2+2=5", 1),
+    ("**2+2=5**", 1),  # emphasis
+    ("*2+2=5*", 1),
+    ("- **2+2=5**", 1),
+    ("**2+2=5**\n**3+3=7**", 2),
+    ("**Step 1:** 2+2=5", 1),
+    ("(2+2=5)", 1),  # brackets around the whole equation
+    ("[2+2=5].", 1),
+    ("- (2+2=5)", 1),
+    ("$2+2=5$", 1),  # LaTeX delimiters
+    ("\\(2+2=5\\)", 1),
+    ("2+2=5 - so we continue", 1),  # a spaced dash to prose
+    ("so - 2+2=5", 1),
+    ("it – 2+2=5 – fine", 1),
+    ("2+2=5 -- oops", 1),
+    ("2+2=5 (wrong)", 1),  # a remark in brackets
+    ("2+2=5.", 1),  # sentence punctuation
+    ("2+2=5, then", 1),
+    ("2+2=5: no", 1),
+    ("2 + 2 = 5 apples", 1),
+    ("x = 2+3 = 2+3 = 6", 1),  # the last claim is whole
+    ("-3+5=3", 1),  # a leading minus after nothing, prose, `=`, a bullet or bold is a sign
+    ("so -3+5=3", 1),
+    ("x = -3+5 = 3", 1),
+    ("- -3+5=3", 1),
+    ("**-3+5=3**", 1),
+    ("-3+5=2, 3 - 5 = -2, 3 - -5 = 8, 2*-3=-6", 0),
+    ("3 - 5 = 2, 2+2=-4", 2),
+])
+def test_wrong_equations_checks_whole_equations_in_markdown(text, wrong):
+    assert wrong_equations(text) == wrong
+
+
+# Pieces of longer expressions or numbers, names, ambiguous signs: skipped (all of these are false as read
+# naively, so a count above 0 is a miscount).
+@pytest.mark.parametrize("text", [
+    "2*3+4=10", "10-2+3=11", "3+4*2=11", "2 + 3 = 4 + 1", "12/4+1=4", "2+2=4 = 5", "2+3=5=6",  # chains
+    "3*(2+2=5)", "(2+2=5)*3", "f(2+2=5)", "(3)(2+2=5)", "(3)2+2=8", "2+2=5(3)", "2+2=4 (3)",  # factors
+    "2**2+2=6", "2+2=5**2", "10^3+1=1001", "2+2=4/5", "2+2=4²", "3+3=3!", "50+50=100%", "|2-5=3|",
+    "2 \\times 3+1=7", "2+2=4 \\cdot 3", "3 x 2+2=8", "2+2=4 x 3", "2+2=4 times 3", "2+2=5 - x",
+    "7 + 5 = 2 mod 10", "2+2=10 (mod 8)", "10 mod 3+2=3",
+    "x-3+5=3", "x -3+5=3", "2 -3+5=5", "x = - 2+2 = 0", "5 −2+2=5", "−3+5=3",  # binary or unicode minus
+    "3 +\n2+2=7", "2+2=4\n= 5",  # an operator across a line break
+    "1,000+1=1001", "999+1=1,000", "1 000 + 2 = 1 002", "1\u202f000+2=1\u202f002", "1'000+2=1'002",
+    "2.5+1=3.5", "2.5+1=3.6", "2+2=4.5", "2,5+1=3,5", "1+3=4 1/2", "Step 3 2+2=5",  # bigger numbers
+    "x2+3=6", "a_1+2=4", "1e5+1=2", "2+2=5x", "2+2=5-fold", "word-2+2=5",  # names and compounds
+    "2020-12-25", "2020-12-25 = 3", "10:30+15=10:45", "10:30 + 15 = 10:45",  # dates and times
+])
+def test_wrong_equations_skips_pieces(text):
+    assert wrong_equations(text) == 0
+
+
+def test_wrong_step_in_a_markdown_cot():
+    cot = "Steps:\n- **7+5=12**\n- 12*3=37 (then check)\n\nSo the total is 36."
+    assert reject_reason(sample(f"{S} {cot} {S} The answer is \\boxed{{36}}.")) == "wrong_step"
+
+
 # ------------------------------------------------------------------------------------ whole samples
 
 

@@ -14,7 +14,9 @@ cold-start builder, the rejection-sampling stage and distillation agree on one d
   blocks are not detected: in math text indentation is too often something else.
 * `wrong_equations(cot)`: integer equations `a op b = c` in the CoT that are false — a right final
   answer reached through a wrong step (luck). Ours, not the paper's: rule rewards grade the final
-  answer only, and such traces would teach wrong arithmetic.
+  answer only, and such traces would teach wrong arithmetic. Only whole equations are judged (markdown
+  bullets, bold and brackets around one are not part of it); a piece of a longer expression or number
+  is skipped, since a false "wrong" drops a good sample.
 
 `reject_reason(sample, config)` names the first rule a sample breaks (or None); `filter_samples`
 applies it to a list and counts the reasons, which the stages write to their manifests.
@@ -37,9 +39,24 @@ REASONS = ("incorrect", "format", "wrong_step", "mixed_language", "long_paragrap
 _FENCE = re.compile(r"(?m)^[ \t]*(```|~~~)")
 _HTML_CODE = re.compile(r"<(pre|code)\b[^>]{0,64}>", re.IGNORECASE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
-# An integer equation `a op b = c` (op one of + - * ×), not preceded or followed by more digits.
-_EQUATION = re.compile(r"(?<![\d.])(-?\d{1,12})\s*([-+*×])\s*(-?\d{1,12})\s*=\s*(-?\d{1,24})(?![\d.])")
-_CHAIN = tuple("+-*×/÷^(")  # an operator (or bracket) next to an equation's side: a longer expression
+# An integer equation `a op b = c` (op one of + - * ×) within one line, not starting inside a word or a decimal.
+# What touches it on either side is judged by `_chained_left` / `_chained_right`.
+_EQUATION = re.compile(r"(?<![\w.])(-?\d{1,12})[^\S\n]*([-+*×])[^\S\n]*(-?\d{1,12})[^\S\n]*=[^\S\n]*(-?\d{1,24})")
+_ALWAYS_OPS = "/÷^×·⋅−∗"  # never markdown: next to a side of an equation, always a longer expression
+_MARK_OPS = "+-–*"  # also markdown: bullets, bold/italic markers, prose dashes
+_OPENERS, _CLOSERS = "([{", ")]}"
+_LATEX_OP = r"\\(?:times|cdot|div|pm|mp|ast|star|circ|frac|sqrt)(?![A-Za-z])"
+# Words that continue an expression as an operator does: `3 x 2+2=8`, `7+5=2 mod 10`.
+_MATH_WORDS = frozenset({"x", "X", "times", "plus", "minus", "over", "mod", "modulo", "sqrt", "sin", "cos", "tan",
+                         "log", "ln", "exp"})
+# The end of an operand (digit, closing bracket, n!, n%, LaTeX symbol such as \pi, one-letter variable), then spaces.
+_OPERAND_END = re.compile(r"(?:\d|[)\]}|²³]|(?<=[\d)])[!%]|\\[A-Za-z]+|(?<![^\W\d_])[^\W\d_])[ \t]*$")
+# The start of an operand: digit, bracket, LaTeX, signed number, one-letter variable (not `i.e.`), math word.
+_OPERAND_START = re.compile(r"[ \t]*(?:[\d(\[{|\\]|[-+−][ \t]*\d|\.\d|[^\W\d_](?![^\W\d_]|\.[^\W\d_])|(?:"
+                            + "|".join(sorted(_MATH_WORDS)) + r")(?![^\W\d_]))")
+_WINDOW = 256  # characters either side of an equation that are read (bounds the work on a long line)
+_LAST_WORD = re.compile(r"([^\W\d_]+)[ \t]*$")
+_FIRST_WORD = re.compile(r"[ \t]*([^\W\d_]+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +136,105 @@ def code_block(text: str) -> bool:
     return bool(_FENCE.search(text) or _HTML_CODE.search(text))
 
 
+def _operand_before(s: str) -> bool:
+    word = _LAST_WORD.search(s)
+    return bool(_OPERAND_END.search(s)) or (word is not None and word.group(1) in _MATH_WORDS)
+
+
+def _chained_left(text: str, i: int) -> bool:
+    """Whether the equation whose `a` (sign included) starts at `text[i]` continues an expression on its left.
+
+    Reads back to the line start, where an operator is a bullet or an emphasis marker; from the previous line
+    only an operator that ends it (`3 +` then `2+2=7`) counts."""
+    line = text[max(text.rfind("\n", 0, i) + 1, i - _WINDOW):i]
+    if text[i] == "-" and _operand_before(line):
+        return True  # a binary minus: `x -3+5=2`, `2 -3+5=4`
+    # a piece of a bigger number or a product: 1,000 / 10:30 / 1'000 / 1 000 / Step 3 2+2 / (3)2+2 / 3!2+2
+    if re.search(r"\d[,:'\u00a0\u2009\u202f]$|\d[ \t]+$|[)\]}|!%²³]$", line):
+        return True
+    s = line.rstrip(" \t")
+    while s and s[-1] in _OPENERS:  # brackets that open before the equation: judge what stands before them
+        if len(s) > 1 and (s[-2].isalnum() or s[-2] in "_|" + _CLOSERS):
+            return True  # f(2+2=4), (3)(2+2=5): an argument or a factor
+        s = s[:-1].rstrip(" \t")
+    if re.search(_LATEX_OP + r"[ \t]*$", s):
+        return True
+    body = s.rstrip(_ALWAYS_OPS + _MARK_OPS)
+    run, before = s[len(body):], body.rstrip(" \t")
+    if not run:
+        if s:  # a word that works as an operator (`3 x 2+2=8`); not a list label (`1) 2+2=5`) or `\quad`
+            word = _LAST_WORD.search(s)
+            return word is not None and word.group(1) in _MATH_WORDS
+        # at the line start: continued only by an operator that ends the previous line
+        newline = text.rfind("\n", 0, i)
+        prev = text[:max(newline, 0)].rstrip(" \t\r")
+        return newline > 0 and (prev.endswith(tuple("+" + _ALWAYS_OPS)) or bool(re.search(_LATEX_OP + "$", prev)))
+    if any(ch in _ALWAYS_OPS for ch in run):
+        return True
+    if not before:
+        return False  # a bullet (`- 2+2=5`) or an emphasis marker (`**2+2=5**`) at the line start
+    if _operand_before(before) or (before == body and (before[-1].isalnum() or before[-1] in "_" + _CLOSERS)):
+        return True  # an operand before the operator: 3*2+2=8, x-2+3=1, 3 * 2+2=8 (not `**Step 1:** 2+2=5`)
+    if "-" in run or "–" in run:
+        # a dash between a prose word and the equation, spaced on both sides: `so - 2+2=5`; after `=` or `:`
+        # it may be a sign (`x = - 2+2 = 0`)
+        word = _LAST_WORD.search(before)
+        return not (word and len(word.group(1)) > 1 and line[len(s):len(s) + 1] in (" ", "\t"))
+    return False  # `+` (a unary plus changes nothing) or `*`/`**` emphasis after prose or punctuation
+
+
+def _chained_right(text: str, j: int) -> bool:
+    """Whether the equation whose `c` ends at `text[j]` continues an expression on its right.
+
+    Crosses a line break only for `=` or an operator that is never markdown: a `-`, `+` or `*` that starts
+    the next line is a bullet or an emphasis marker."""
+    rest = text[j:j + _WINDOW]
+    # a piece of a bigger number or a product: 1,000 / 3.5 / 10:30 / 4/5 / 1 000 / 4 1/2 / 5x / 3! / 100% / 2²
+    if re.match(r"[\w²³!%|(]|[.,:'/\u00a0\u2009\u202f]\d|[ \t]+\d", rest):
+        return True
+    r = rest.lstrip(" \t")
+    while r[:1] and r[0] in _CLOSERS:  # brackets that close after the equation: judge what follows them
+        if re.match(r"[)\]}][\w(\[{]", r):
+            return True  # (2+2=5)x, (2+2=5)(3): a factor
+        r = r[1:].lstrip(" \t")
+    gap = len(r) != len(rest)  # spaces or brackets between c and what follows
+    if r[:1] == "\n":
+        r = r.lstrip()
+        return r.startswith(("=", *_ALWAYS_OPS)) or bool(re.match(_LATEX_OP, r))
+    if r.startswith("=") or re.match(_LATEX_OP, r):
+        return True
+    if r[:1] and r[0] in _OPENERS:  # `2+2=5 (wrong)` is a remark; `2+2=4 (mod 6)`, `2+2=4 (3)` are not
+        return bool(_OPERAND_START.match(r[1:]))
+    body = r.lstrip(_ALWAYS_OPS + _MARK_OPS)
+    run = r[:len(r) - len(body)]
+    if not run:
+        word = _FIRST_WORD.match(r)
+        return word is not None and word.group(1) in _MATH_WORDS  # `2+2=4 x 3`, `7+5=2 mod 10`
+    if any(ch in _ALWAYS_OPS for ch in run):
+        return True
+    if not gap and run.strip("*"):
+        return True  # `5-fold`, `5+x`: attached to c
+    # `**`/`*` closing emphasis, a dash to a prose remark (`2+2=5 - so`): an operand after it would continue
+    return bool(_OPERAND_START.match(body))
+
+
 def wrong_equations(text: str) -> int:
-    """How many integer equations `a op b = c` (+, -, *, ×) in `text` are false. One that is part of a
-    longer expression (`2*3+4=10`, `2+3=4+1`, `12/4+1=4`) is not checked: its `a op b` is not the
-    whole side of the equation."""
+    """How many integer equations `a op b = c` (+, -, *, ×) in `text` are false.
+
+    Only an equation whose `a op b` and `c` are whole sides is checked: one that is part of a longer
+    expression (`2*3+4=10`, `2+3=4+1`, `12/4+1=4`, `3 x 2+2=8`, `7+5=2 mod 10`), of a bigger number
+    (`1,000+1=1,001`, `2.5+1=3.5`, `10:30+15=10:45`), of a name (`x2+3=5`, `a_1+2=3`) or that follows a
+    binary minus (`x -3+5=3`) is skipped. Markdown around a whole equation does not make it part of one:
+    bullets (`- 2+2=5`, `* 2+2=5`), bold/italic (`**2+2=5**`), brackets that enclose it (`(2+2=5)`),
+    a remark after a spaced dash or in brackets (`2+2=5 - so`, `2+2=5 (wrong)`), sentence punctuation.
+    A leading minus after prose or `=` is a sign (`so -3+5=2` is checked). Errs towards skipping: a false
+    "wrong" drops a good sample.
+    """
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "×": lambda a, b: a * b}
-    wrong = 0
-    for m in _EQUATION.finditer(text):
-        if text[:m.start()].rstrip().endswith(_CHAIN) or text[m.end():].lstrip().startswith((*_CHAIN, "=")):
+    wrong, pos = 0, 0
+    while m := _EQUATION.search(text, pos):
+        pos = m.start(4)  # c may be the a of the next equation (`x = 2+3 = 2+3 = 6`)
+        if _chained_left(text, m.start()) or _chained_right(text, m.end()):
             continue
         a, op, b, c = m.groups()
         wrong += ops[op](int(a), int(b)) != int(c)
