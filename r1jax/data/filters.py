@@ -167,7 +167,7 @@ def _chained_left(text: str, i: int) -> bool:
             return word is not None and word.group(1) in _MATH_WORDS
         # at the line start: continued only by an operator that ends the previous line
         newline = text.rfind("\n", 0, i)
-        prev = text[:max(newline, 0)].rstrip(" \t\r")
+        prev = text[max(newline - _WINDOW, 0):max(newline, 0)].rstrip(" \t\r")
         return newline > 0 and (prev.endswith(tuple("+" + _ALWAYS_OPS)) or bool(re.search(_LATEX_OP + "$", prev)))
     if any(ch in _ALWAYS_OPS for ch in run):
         return True
