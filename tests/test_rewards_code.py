@@ -1,5 +1,6 @@
 """Code reward: program extraction, both test shapes, and hostile programs in the sandbox."""
 
+import ast
 import os
 import socket
 import time
@@ -77,6 +78,74 @@ def test_a_program_cannot_pass_equality_tests_it_does_not_solve():
     assert scores == {"honest": 5 / 6, "rebinds builtins": 0.0, "frame forgery": 1 / 6, "equals everything": 0.0,
                       "int subclass": 0.0}, scores
     assert _score("def add(a, b):\n    return float(a + b)", ADD_TESTS) == 1.0  # 3.0 == 3, as the assert says
+
+
+# (expression, literal, whether Python's own `assert EXPR == LITERAL` passes): equal values of types that
+# are not exact builtins, and near misses that must stay unequal.
+EQUALITY_CASES = [
+    ("collections.Counter('abca')", "{'a': 2, 'b': 1, 'c': 1}", True),
+    ("collections.Counter('abca')", "{'a': 2, 'b': 1}", False),
+    ("collections.OrderedDict([('b', 1), ('a', 2)])", "{'a': 2, 'b': 1}", True),
+    ("collections.OrderedDict([('b', 1), ('a', 2)])", "{'a': 2}", False),
+    ("collections.defaultdict(list, {1: [2]})", "{1: [2]}", True),
+    ("collections.defaultdict(list, {1: [2]})", "{1: [3]}", False),
+    ("P(1, 2)", "(1, 2)", True),
+    ("P(1, 2)", "(2, 1)", False),
+    ("{'pts': [P(1, 2)], P(3, 4): frozenset({5})}", "{'pts': [(1, 2)], (3, 4): {5}}", True),
+    ("numpy.int64(7)", "7", True),
+    ("numpy.int64(7)", "8", False),
+    ("numpy.float64(0.25)", "0.25", True),
+    ("numpy.float64(0.25)", "0.5", False),
+    ("numpy.bool_(True)", "True", True),
+    ("[numpy.int64(1), numpy.float32(0.5)]", "[1, 0.5]", True),
+    ("[numpy.int64(1), numpy.float32(0.5)]", "[1, 0.25]", False),
+    ("numpy.longdouble(1) / 3", "0.3333333333333333", False),  # item() would round it to this float
+    ("fractions.Fraction(1, 2)", "0.5", True),
+    ("fractions.Fraction(1, 2)", "0.25", False),
+    ("fractions.Fraction(6, 3)", "2", True),
+    ("fractions.Fraction(1, 3)", "0.3333333333333333", False),  # no float equals 1/3
+    ("decimal.Decimal('0.5')", "0.5", True),
+    ("decimal.Decimal('0.1')", "0.1", False),  # Decimal compares with the float's exact value
+    ("float('inf')", "1e999", True),
+    ("-float('inf')", "-1e999", True),
+    ("float('inf')", "-1e999", False),
+    ("[complex(1, float('inf'))]", "[1+1e999j]", True),
+    ("float('nan')", "1e999", False),
+    ("frozenset({1, 2})", "{1, 2}", True),
+    ("frozenset({1, 2})", "{1, 3}", False),
+    ("frozenset()", "set()", True),
+    ("E.B", "2", True),
+    ("E.B", "1", False),
+    # subclasses whose == or hash differ from their base's are not converted
+    ("D({1: 2})", "{1: 2}", False),
+    ("{K(1): 'a'}", "{1: 'a'}", False),
+]
+EQUALITY_PRELUDE = ("import collections, decimal, enum, fractions\nimport numpy\n"
+                    "P = collections.namedtuple('P', 'x y')\nE = enum.IntEnum('E', 'A B')\n"
+                    "class D(dict):\n    __eq__ = lambda s, o: False\n    __hash__ = None\n"
+                    "class K(int):\n    __hash__ = lambda s: 42\n")
+
+
+@pytest.mark.parametrize(("expression", "literal", "python_says"), EQUALITY_CASES)
+def test_equal_values_of_other_types_score_as_python_judges(expression, literal, python_says):
+    """A correct answer of a type that is no exact builtin (Counter, namedtuple, NumPy scalar, Fraction,
+    frozenset, infinity...) passes `assert f() == LITERAL` exactly when Python's own assert would."""
+    namespace = {}
+    exec(EQUALITY_PRELUDE, namespace)
+    assert bool(eval(expression, namespace) == ast.literal_eval(literal)) is python_says  # the reference
+    program = f"{EQUALITY_PRELUDE}def f():\n    return {expression}"
+    assert _score(program, [f"assert f() == {literal}"]) == float(python_says)
+    assert _score(program, [f"assert {literal} == f()"]) == float(python_says)
+
+
+def test_a_huge_value_fails_its_own_test_only():
+    """Each expression's reported value is capped so that every test's line fits in what the parent reads:
+    a 2 MB wrong value fails its own test without hiding the next test's pass."""
+    program = "def f():\n    return 'x' * 2_000_000\ndef g():\n    return 1\ndef h():\n    return list(range(20_000))"
+    assert _score(program, ["assert f() == 'y'", "assert g() == 1"]) == 0.5
+    assert _score(program, ["assert [f()] == [f()]", "assert g() == 1"]) == 1.0  # a statement reports no value
+    big = repr(list(range(20_000)))  # 129 kB, within each of two tests' share
+    assert _score(program, [f"assert h() == {big}", "assert g() == 1"]) == 1.0
 
 
 def test_program_reading_stdin_gets_eof_not_a_hang():

@@ -10,14 +10,17 @@ Runs (as the first process inside the sandbox, standard library only) in this or
    the Python level (a best-effort prelude: ctypes can still reach the C library);
 5. run the program in a fresh `__main__` namespace, then each test in that namespace, writing a line
    to a results file after each, so a timeout keeps partial credit: "NONCE INDEX OK" for a statement
-   (OK = 1 when it raised nothing), "NONCE INDEX 1 REPR" for an expression whose value is built of
-   plain literals (REPR: its repr, which the parent reads back with `ast.literal_eval`; else OK = 0).
+   (OK = 1 when it raised nothing), "NONCE INDEX 1 REPR" for an expression whose value has a plain
+   equivalent (`_plain`: a value of exact builtin literal types that `==` treats alike; REPR: its repr,
+   which the parent reads back as a literal; else OK = 0). A line longer than the payload's
+   max_line_bytes (each test's share of what the parent reads) is written as OK = 0 instead.
 The nonce lets the parent ignore result lines the program forges without reading our memory. The
 program runs in this process and can read it, so a statement's verdict is only as good as the
 program's good faith; an expression's value is judged by the parent against an expected value this
 process never sees (`r1jax.rewards.code`).
 """
 
+import collections
 import ctypes
 import json
 import os
@@ -127,25 +130,113 @@ def _block_sockets():
     _socket.socket = NoSocket
 
 
-_PLAIN = (int, float, complex, str, bytes, bool, type(None))
-_CONTAINERS = (list, tuple, set, frozenset, dict)
+class _NotPlain(Exception):
+    pass
 
 
-def _plain_repr(value, budget: int = 100_000):
-    """repr(value) if it is built of plain literals only (exact types: no subclass, no custom __eq__ or
-    __repr__) and at most `budget` items; else None."""
-    seen, stack = 0, [value]
-    while stack:
-        x = stack.pop()
-        seen += 1
-        if seen > budget or not (type(x) in _PLAIN or type(x) in _CONTAINERS):
-            return None
-        if type(x) is dict:
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif type(x) in _CONTAINERS:
-            stack.extend(x)
-    return repr(value)
+# A subclass of one of these stands for its base when its == and hash are the base's, so Python compares it
+# with a literal exactly as it would the base value (also Counter's and OrderedDict's ==, which defer to
+# dict's against any operand not of their own type, as a literal never is). Captured before the program
+# runs, so a program that rebinds them loses the conversion rather than gaining one.
+_BASE_EQ = {int: (int.__eq__,), float: (float.__eq__,), complex: (complex.__eq__,), str: (str.__eq__,),
+            bytes: (bytes.__eq__,), list: (list.__eq__,), tuple: (tuple.__eq__,), set: (set.__eq__,),
+            frozenset: (frozenset.__eq__,),
+            dict: (dict.__eq__, collections.Counter.__eq__, collections.OrderedDict.__eq__)}
+_SCALARS = (bool, int, float, complex, str, bytes)
+
+
+def _base(t):
+    """The builtin literal type `t` is, or stands for; None if its == or hash are its own."""
+    if t in _BASE_EQ:
+        return t
+    for base, eqs in _BASE_EQ.items():
+        if issubclass(t, base):
+            return base if t.__eq__ in eqs and t.__hash__ is base.__hash__ else None
+    return None
+
+
+def _foreign_scalar(x):
+    """The int, float, complex, bool, str or bytes that equals a NumPy scalar, Fraction or Decimal exactly.
+
+    Each module is looked up, never imported: a value of its type means the program imported it."""
+    t = type(x)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and getattr(numpy, t.__name__, None) is t and issubclass(t, numpy.generic):
+        value = x.item()  # longdouble's item() stays a longdouble, a datetime64's is a datetime: refused
+        if type(value) in _SCALARS and bool(x == value):  # NaN != NaN: refused
+            return value
+        raise _NotPlain
+    fractions, decimal = sys.modules.get("fractions"), sys.modules.get("decimal")
+    is_decimal = decimal is not None and t is decimal.Decimal
+    if is_decimal or (fractions is not None and t is fractions.Fraction):
+        if is_decimal and x.is_infinite():  # Decimal('Infinity') == 1e999
+            return -float("inf") if x.is_signed() else float("inf")
+        numerator, denominator = x.as_integer_ratio()  # a Decimal NaN raises: refused
+        if denominator == 1:
+            return numerator
+        value = numerator / denominator
+        if value.as_integer_ratio() == (numerator, denominator):  # else no literal equals x (e.g. 1/3)
+            return value
+    raise _NotPlain
+
+
+def _plain(value, max_chars: int):
+    """A value of exact builtin literal types that Python's == treats as `value` against any literal; raises
+    _NotPlain if there is none or its repr would exceed `max_chars`.
+
+    Containers and scalars whose == is their builtin base's are rebuilt through the base's own methods (a
+    namedtuple becomes a tuple, a Counter a dict, a frozenset a set: `frozenset({1}) == {1}`); NumPy scalars,
+    Fractions and Decimals become the int or float they equal exactly. A value containing NaN equals no
+    literal (none is NaN), so it is refused like anything unrecognised; infinities repr as `inf`, which the
+    parent reads back."""
+    chars = 0
+
+    def convert(x):
+        nonlocal chars
+        chars += 1 + (len(x) if type(x) in (str, bytes) else 0)  # a lower bound on the repr's length
+        if chars > max_chars:
+            raise _NotPlain
+        t = type(x)
+        if t is bool or x is None:
+            return x
+        base = _base(t)
+        if base is None:
+            x = _foreign_scalar(x)
+            base = type(x)
+            if base is bool:
+                return x
+        if base is int:
+            return int.__int__(x)
+        if base is float or base is complex:
+            x = float.__float__(x) if base is float else complex.__complex__(x)
+            if x != x:  # NaN
+                raise _NotPlain
+            return x
+        if base is str:
+            return str.__str__(x)
+        if base is bytes:
+            return bytes.__bytes__(x)
+        if base is list:
+            return [convert(item) for item in list.__iter__(x)]
+        if base is tuple:
+            return tuple(convert(item) for item in tuple.__iter__(x))
+        if base is dict:
+            out = {convert(key): convert(item) for key, item in dict.items(x)}
+        else:  # set or frozenset; a frozenset member or key becomes an unhashable set: no literal has one
+            out = {convert(item) for item in base.__iter__(x)}
+        if len(out) != base.__len__(x):  # two members became equal: Python would have kept both
+            raise _NotPlain
+        return out
+
+    return convert(value)
+
+
+def _plain_repr(value, max_chars: int):
+    """repr of `_plain(value)`; None if there is none."""
+    try:
+        return repr(_plain(value, max_chars))
+    except (_NotPlain, ValueError, TypeError, OverflowError, RecursionError, MemoryError):
+        return None  # ValueError: e.g. an int over sys.get_int_max_str_digits(), which no literal is
 
 
 def main():
@@ -172,7 +263,7 @@ def main():
     if mode != "namespaces" and mode != "userns":
         _block_sockets()
     os.chdir(os.path.join(root_dir, "box"))
-    program, tests = payload["program"], payload["tests"]
+    program, tests, max_line = payload["program"], payload["tests"], payload["max_line_bytes"]
     del payload
     sys.argv = ["solution.py"]
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -191,14 +282,17 @@ def main():
             break
         try:
             if isinstance(test, dict):  # {"eval": expression}: report its value
-                text = plain_repr(evaluate(build(test["eval"], f"test_{index}", "eval"), namespace))
-                line = f"{nonce} {index} 0" if text is None else f"{nonce} {index} 1 {text}"
+                text = plain_repr(evaluate(build(test["eval"], f"test_{index}", "eval"), namespace), max_line)
+                line = f"{nonce} {index} 0\n" if text is None else f"{nonce} {index} 1 {text}\n"
             else:
                 run(build(test, f"test_{index}", "exec"), namespace)
-                line = f"{nonce} {index} 1"
+                line = f"{nonce} {index} 1\n"
+            data = line.encode()
+            if len(data) > max_line:  # fails this test alone: the parent reads max_line bytes per test
+                raise ValueError(f"result line of {len(data)} bytes")
         except BaseException:  # noqa: B036
-            line = f"{nonce} {index} 0"
-        write(results, (line + "\n").encode())
+            data = f"{nonce} {index} 0\n".encode()
+        write(results, data)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if ok else 1)

@@ -4,12 +4,14 @@ Reward = fraction of tests passed. Tests come in two shapes (or as a JSON string
 - assert statements, e.g. `["assert add(1, 2) == 3", ...]`: one sandboxed run executes the program,
   then each test in the program's namespace; a timeout keeps the tests that already reported; a
   program that crashes at top level fails them all. `assert EXPR == LITERAL` (either side; the
-  common form) is judged here, not in the sandbox: the sandbox evaluates EXPR alone and reports its
-  value if it is built of plain literals, which must equal LITERAL. The program never sees the
-  expected value, so it cannot forge a pass (a program runs in the process that reports its
-  results: it could rebind the builtins or read the result channel's nonce from its caller's
-  frame), and an object whose `__eq__` always says True is no plain literal. Other statements run
-  in the sandbox and pass if they raise nothing (forgeable by a program that sets out to);
+  common form) is judged here, not in the sandbox: the sandbox evaluates EXPR alone and reports an
+  equal value of builtin literal types if it has one (a Counter as a dict, a namedtuple as a tuple,
+  a NumPy scalar or Fraction as the int or float it equals exactly, a frozenset as a set; see the
+  launcher's `_plain`), which must equal LITERAL. The program never sees the expected value, so it
+  cannot forge a pass (a program runs in the process that reports its results: it could rebind the
+  builtins or read the result channel's nonce from its caller's frame), and an object whose `__eq__`
+  is its own (one that always says True) has no plain equivalent. Other statements run in the
+  sandbox and pass if they raise nothing (forgeable by a program that sets out to);
 - stdin/stdout cases, e.g. `[{"input": "1 2\\n", "output": "3\\n"}, ...]`: one sandboxed run per case;
   outputs compare equal after stripping trailing whitespace on each line and trailing blank lines.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -105,12 +108,27 @@ def _split_assert(test: str) -> tuple[str, Any]:
     return test, _NO_VALUE
 
 
+class _Infinities(ast.NodeTransformer):
+    """repr writes an infinity as the name `inf` (`infj` in a complex): the only names read back, as values."""
+
+    VALUES = {"inf": math.inf, "infj": complex(0, math.inf)}
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.Constant(self.VALUES[node.id]) if node.id in self.VALUES else node
+
+
+def _read_value(reported: str) -> Any:
+    """The value of a repr the sandbox reported, read as a literal (never evaluated), infinities included."""
+    return ast.literal_eval(_Infinities().visit(ast.parse(reported.lstrip(" \t"), mode="eval")))
+
+
 def _equals(reported: str | None, expected: Any) -> bool:
-    """Whether the repr the sandbox reported reads back (as a literal, never evaluated) to `expected`."""
+    """Whether the repr the sandbox reported reads back to a value that `== expected` (both plain literals,
+    so this is the `==` the test's assert would have run; the sandbox never reports NaN)."""
     if reported is None:
         return False
     try:
-        return bool(ast.literal_eval(reported) == expected)
+        return bool(_read_value(reported) == expected)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return False
 

@@ -41,7 +41,8 @@ from pathlib import Path
 
 MODES = ("namespaces", "userns", "plain")
 _LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
-_MAX_READ = 1 << 20
+_MAX_READ = 1 << 20  # bytes read of stdout, stderr and the results file, each
+_MIN_RESULT_LINE = 128  # room for "NONCE INDEX 1" and a short value, however many tests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +68,17 @@ class SandboxLimits:
         }
 
 
+def _result_line_bytes(n_tests: int, limits: SandboxLimits) -> int:
+    """The longest results line the launcher may write: each test's share of what the parent reads of the
+    results file (and of RLIMIT_FSIZE), so a huge value fails its own test without hiding later ones."""
+    return max(_MIN_RESULT_LINE, min(_MAX_READ, limits.max_file_mb << 20) // max(1, n_tests))
+
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """What one sandboxed run did. `test_passed[i]` is False for tests that never reported;
-    `test_values[i]` is the repr of an expression test's value (None: not a plain literal, raised, or
-    never reported; always None for a statement)."""
+    `test_values[i]` is the repr of an expression test's plain value (None: it has none, raised, its line
+    would pass its share of the results file, or never reported; always None for a statement)."""
 
     exit_code: int | None
     stdout: str
@@ -100,10 +107,10 @@ def _command(mode: str, root_dir: str, wall_seconds: float) -> list[str]:
     return cmd
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, limit: int = _MAX_READ) -> str:
     try:
         with open(path, "rb") as f:
-            return f.read(_MAX_READ).decode("utf-8", errors="replace")
+            return f.read(limit).decode("utf-8", errors="replace")
     except OSError:
         return ""
 
@@ -123,8 +130,11 @@ def _run(program: str, stdin: str, tests: Sequence[str | dict[str, str]] | None,
             os.chmod(root, 0o711)  # nobody may pass through to box/, not read io/
             os.chown(box, uid, gid)
         nonce = secrets.token_hex(16)
+        n_tests = len(tests) if tests is not None else 0
+        line_bytes = _result_line_bytes(n_tests, limits)
         payload = {"mode": mode, "program": program, "tests": list(tests) if tests is not None else None,
-                   "nonce": nonce, "rlimits": limits.rlimits(), "uid": uid, "gid": gid}
+                   "nonce": nonce, "rlimits": limits.rlimits(), "uid": uid, "gid": gid,
+                   "max_line_bytes": line_bytes}
         fd = os.open(io_dir / "payload.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with open(fd, "w") as f:
             json.dump(payload, f)
@@ -145,9 +155,9 @@ def _run(program: str, stdin: str, tests: Sequence[str | dict[str, str]] | None,
                 except ProcessLookupError:
                     pass
                 _, launcher_err = proc.communicate()
-        passed = [False] * (len(tests) if tests is not None else 0)
-        values: list[str | None] = [None] * len(passed)
-        for line in _read(io_dir / "results").splitlines():
+        passed = [False] * n_tests
+        values: list[str | None] = [None] * n_tests
+        for line in _read(io_dir / "results", n_tests * line_bytes).splitlines():
             parts = line.split(" ", 3)
             if len(parts) >= 3 and parts[0] == nonce and parts[1].isdigit() and parts[2] in ("0", "1"):
                 index = int(parts[1])
@@ -192,8 +202,8 @@ def run_sandboxed(program: str, *, stdin: str = "", tests: Sequence[str | dict[s
     """Run `program` (then each of `tests` in the program's namespace) in the sandbox.
 
     A test is a statement (passes if it raises nothing) or `{"eval": expression}` (its value comes back
-    as a repr when it is built of plain literals). Returns exit code, stdout, stderr (each read up to
-    1 MiB), whether the wall clock ran out, one pass flag and one value per test. `mode=None` uses
-    `sandbox_mode()`.
+    as the repr of an equal value of builtin literal types, when there is one and that repr fits the test's
+    share of the 1 MiB read of results). Returns exit code, stdout, stderr (each read up to 1 MiB), whether
+    the wall clock ran out, one pass flag and one value per test. `mode=None` uses `sandbox_mode()`.
     """
     return _run(program, stdin, tests, limits, mode or sandbox_mode())
