@@ -212,6 +212,31 @@ def test_a_failed_export_leaves_the_previous_export_as_it_was(tmp_path, monkeypa
     np.testing.assert_array_equal(np.asarray(load_hf(out)(x)), np.asarray(old(x)))
 
 
+def test_extra_config_that_contradicts_the_weights_is_refused_by_name(tmp_path):
+    """Fields that describe the written weights must agree with the model: tie_word_embeddings=False over a tied
+    model gave transformers a random lm_head, True over an untied one dropped it, a rope_theta of its own gave
+    transformers one RoPE and load_hf another, a sliding window made transformers compute another model. The
+    model's own config (as an HF config.json has it), the stop ids and max_position_embeddings (a length limit)
+    pass; nothing is written for a refused export."""
+    from r1jax.model.config import to_hf_config
+
+    tied, untied = init_model(get_preset("tiny-qwen2"), seed=0), init_model(get_preset("tiny-llama"), seed=0)
+    for model, key, value in ((tied, "tie_word_embeddings", False), (untied, "tie_word_embeddings", True),
+                              (untied, "rope_theta", 10_000.0), (untied, "num_hidden_layers", 3)):
+        with pytest.raises(ValueError, match=rf"extra_config\['{key}'\]={value}.*{getattr(model.cfg, key, '')}"):
+            save_hf(model, tmp_path / key, extra_config={key: value})
+        assert not (tmp_path / key / "config.json").exists()
+    window = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}  # transformers would slide it
+    with pytest.raises(ValueError, match="extra_config.*use_sliding_window=true"):
+        save_hf(tied, tmp_path / "window", extra_config=window)
+    own = {**to_hf_config(untied.cfg), "rope_theta": 500_000, "torch_dtype": "bfloat16"}  # int theta, as HF has it
+    out = save_hf(untied, tmp_path / "own", extra_config={**own, "max_position_embeddings": 1024, "eos_token_id": 2})
+    config = json.loads((out / "config.json").read_text())
+    assert (config["max_position_embeddings"], config["eos_token_id"], config["torch_dtype"]) == (1024, 2, "float32")
+    x = jnp.asarray(tokens(1, 8))
+    np.testing.assert_array_equal(np.asarray(load_hf(out)(x)), np.asarray(untied(x)))
+
+
 def test_corrupt_weights_and_null_config_fields_are_errors_that_name_the_file(tmp_path):
     out = save_hf(init_model(get_preset("tiny-llama"), seed=0), tmp_path / "export")
     config = json.loads((out / "config.json").read_text())

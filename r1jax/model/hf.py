@@ -9,6 +9,7 @@ files are written aside and moved in together, so a failed export never destroys
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -32,6 +33,9 @@ from r1jax.sharding import DEFAULT_RULES, ShardingRules
 
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"
+# Fields of `to_hf_config` that extra_config may change: a length limit, and the dtype (which `save_hf` sets from
+# the weights it writes). The others describe the weights, so a different value would misdescribe them.
+_FREE_FIELDS = frozenset({"max_position_embeddings", "torch_dtype"})
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the names `save_hf` (and transformers) write
 
 Convert = Callable[[np.ndarray], np.ndarray]
@@ -178,7 +182,8 @@ def save_hf(
     `tokenizer` (anything with `bos_id`, `eos_id`, `pad_id`): its special ids go into config.json and a
     generation_config.json, so that `generate` in transformers stops at its EOS. `extra_config` is added to
     config.json; its `bos_token_id` / `eos_token_id` / `pad_token_id` win over the tokenizer's, in both files
-    (Llama 3 Instruct stops at a list of EOS ids where its tokenizer names one).
+    (Llama 3 Instruct stops at a list of EOS ids where its tokenizer names one). A field that describes the
+    weights (`tie_word_embeddings`, sizes, RoPE…) must agree with the model: a ValueError names it.
 
     The files this function writes (weights, index, config.json, generation_config.json) are written aside
     and moved in only once all are complete: an export that fails leaves the earlier one as it was. Those of
@@ -190,15 +195,31 @@ def save_hf(
     folder = Path(path)
     state = nnx.state(model)
     dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-    tensors = {name: np.ascontiguousarray(to_hf(_host_array(_get(state, p)[...])).astype(dtype))
-               for p, name, _, _, to_hf in _tensor_map(cfg)}
-    if jax.process_index() != 0:
-        return folder
     extra = dict(extra_config or {})
+    own = to_hf_config(cfg)
+    for key, value in extra.items():
+        if key in own and key not in _FREE_FIELDS and value != own[key]:
+            raise ValueError(
+                f"extra_config[{key!r}]={value!r}, but the model's weights have {key}={own[key]!r}: config.json "
+                "would describe other weights than those written; leave it out or change the model")
     special = {} if tokenizer is None else {key: extra.get(key, value) for key, value in (
         ("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id), ("pad_token_id", tokenizer.pad_id))}
     hf = to_hf_config(cfg, **{**special, **extra})
     hf["torch_dtype"] = str(dtype)
+    try:  # fields of its own (a sliding window, layer_types) must still read back as this model
+        written = from_hf_config(hf, max_position_embeddings=own["max_position_embeddings"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"extra_config makes config.json describe another model than the weights: {e}") from e
+    differ = {f.name: getattr(written, f.name) for f in dataclasses.fields(written)
+              if getattr(written, f.name) != getattr(from_hf_config(own), f.name)}
+    if differ:
+        raise ValueError(f"extra_config makes config.json describe another model than the weights: {differ}")
+    # On every process and before the weights are gathered: a value JSON cannot write fails here, not halfway.
+    config_text = json.dumps(hf, indent=2)
+    tensors = {name: np.ascontiguousarray(to_hf(_host_array(_get(state, p)[...])).astype(dtype))
+               for p, name, _, _, to_hf in _tensor_map(cfg)}
+    if jax.process_index() != 0:
+        return folder
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -207,7 +228,6 @@ def save_hf(
             size = 0
         shards[-1][name] = t
         size += t.nbytes
-    # Serialised before any file is touched: a value JSON cannot write fails here, not after the weights.
     texts: dict[str, str] = {}
     if len(shards) == 1:
         weight_files = {"model.safetensors": shards[0]}
@@ -216,7 +236,7 @@ def save_hf(
         weight_map = {name: fname for fname, shard in weight_files.items() for name in shard}
         total = sum(t.nbytes for t in tensors.values())
         texts[INDEX_FILE] = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    texts["config.json"] = json.dumps(hf, indent=2)
+    texts["config.json"] = config_text
     if special:
         texts[GENERATION_FILE] = json.dumps(special, indent=2)
     folder.mkdir(parents=True, exist_ok=True)
