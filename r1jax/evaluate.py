@@ -436,7 +436,7 @@ def load_policy(checkpoint: str | os.PathLike | None, workdir: str | os.PathLike
 
     from r1jax.data.tokenizer import load_hf_tokenizer
     from r1jax.model import load_hf
-    from r1jax.pipeline import RunContext
+    from r1jax.pipeline import RunContext, stage_names
 
     if checkpoint is not None and (Path(checkpoint) / "config.json").exists() and any(
             Path(checkpoint).glob("*.safetensors")):
@@ -449,7 +449,7 @@ def load_policy(checkpoint: str | os.PathLike | None, workdir: str | os.PathLike
     config = ConfigDict(json.loads(path.read_text()))
     ctx = RunContext(config, Path(workdir))
     if checkpoint is None:
-        checkpoint = Path(workdir) / [s.strip() for s in config.stages.split(",") if s.strip()][-1] / "final"
+        checkpoint = Path(workdir) / stage_names(config)[-1] / "final"
     return ctx.model_from(Path(checkpoint)), ctx.tokenizer, config, ctx.mesh
 
 
@@ -468,10 +468,9 @@ def _benchmark_records(name: str, config, limit: int | None, data_dir: str | Non
 def _stage_template(config, workdir: str | None, checkpoint: str | None) -> str:
     """The prompt template of the evaluated checkpoint's stage: what it trained and was evaluated with, as
     its manifest records it (the R1 and distillation stages: R1's format), else the run's data.template."""
-    from r1jax.pipeline import StageManifest
+    from r1jax.pipeline import StageManifest, stage_names
 
-    last = [s.strip() for s in config.stages.split(",") if s.strip()][-1]
-    manifest = StageManifest.read(Path(checkpoint).parent if checkpoint else Path(workdir) / last)
+    manifest = StageManifest.read(Path(checkpoint).parent if checkpoint else Path(workdir) / stage_names(config)[-1])
     return (manifest.metrics.get("eval/template") if manifest is not None else None) or config.data.template
 
 

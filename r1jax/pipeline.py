@@ -77,6 +77,11 @@ class StageManifest:
         tmp.replace(stage_dir / MANIFEST)  # atomic: a crash never leaves half a manifest
 
 
+def stage_names(config: ConfigDict) -> list[str]:
+    """`config.stages` ("pretrain, rl") as the list of stage names it runs, in order."""
+    return [s.strip() for s in config.stages.split(",") if s.strip()]
+
+
 def _json_value(x):
     if isinstance(x, np.generic):
         return x.item()
@@ -237,7 +242,7 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
     or the model is built (`r1jax.stages.validate_config`).
     """
     workdir = Path(workdir)
-    names = [s.strip() for s in config.stages.split(",") if s.strip()]
+    names = stage_names(config)
     unknown = [n for n in names if n not in stages]
     if not names or unknown:
         raise ConfigError(f"config.stages={config.stages!r}: unknown stage(s) {unknown}; known: {sorted(stages)}")

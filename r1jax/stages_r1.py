@@ -44,7 +44,7 @@ from r1jax.data.synthetic import solution_trace, summary_text
 from r1jax.data.templates import DEFAULT_SPECIAL_TOKEN, format_cold_start, format_prompt, parse_r1_zero
 from r1jax.evaluate import evaluate_completions, grader_from_reward, sample_completions, summarize
 from r1jax.metrics import plot_curves
-from r1jax.pipeline import RunContext, StageManifest
+from r1jax.pipeline import RunContext, StageManifest, stage_names
 from r1jax.rewards import RewardPool, combine, get_reward
 from r1jax.rewards.format import follows_r1_format, follows_r1_zero_format
 from r1jax.rewards.math import voting_answer
@@ -117,7 +117,7 @@ def latest_checkpoint_step(stage_dir: Path) -> int | None:
 
 def stage_checkpoint(ctx: RunContext, source: str, current: str) -> Path:
     """The final parameters of stage `source` ("previous": the stage before `current` in config.stages)."""
-    names = [s.strip() for s in ctx.config.stages.split(",") if s.strip()]
+    names = stage_names(ctx.config)
     if source == "previous":
         i = names.index(current)
         if i == 0:
@@ -307,7 +307,7 @@ REPORT_COLUMNS = (("eval/pass1", "held-out pass@1"), ("eval/format", "format"),
 
 def write_pipeline_report(ctx: RunContext, current: dict[str, dict[str, Any]]) -> Path:
     """`<workdir>/report.md`: one row per stage that has metrics (finished, or `current`)."""
-    names = [s.strip() for s in ctx.config.stages.split(",") if s.strip()]
+    names = stage_names(ctx.config)
     lines = [f"# {ctx.config.get('name', 'run')} pipeline report", "",
              "| stage | starts from | " + " | ".join(label for _, label in REPORT_COLUMNS) + " |",
              "|---|---|" + "---|" * len(REPORT_COLUMNS)]

@@ -353,3 +353,14 @@ def test_an_hf_teacher_samples_with_its_own_tokenizer(tmp_path, monkeypatch):
     assert config.distill.teacher.tokenizer_path == "/ckpt/Qwen2.5-7B"
     model, tok, source = teacher(RunContext(config, tmp_path))
     assert (model, tok) == ("model /ckpt/DeepSeek-R1-Distill-Qwen-7B", "tokenizer /ckpt/DeepSeek-R1-Distill-Qwen-7B")
+
+
+# ------------------------------------------------------------------------------------ stage handoff on disk
+
+
+def test_config_stages_is_read_one_way():
+    from ml_collections import ConfigDict
+
+    from r1jax.pipeline import stage_names
+
+    assert stage_names(ConfigDict({"stages": " pretrain, ,rl_all ,"})) == ["pretrain", "rl_all"]

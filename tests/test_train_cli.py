@@ -425,7 +425,7 @@ def test_r1_and_distillation_sections_are_checked_before_any_stage_runs(config_n
     trains (it used to surface hours later, or hang: general_fraction 1.5 asked for 10^11 general items)."""
     import importlib
 
-    from r1jax.pipeline import ConfigError
+    from r1jax.pipeline import ConfigError, stage_names
     from r1jax.stages import validate_config
 
     config = importlib.import_module(f"configs.{config_name}").get_config()
@@ -436,7 +436,7 @@ def test_r1_and_distillation_sections_are_checked_before_any_stage_runs(config_n
             node = node[part]
         node[last] = value
     with pytest.raises(ConfigError) as raised:
-        validate_config(config, [s for s in config.stages.split(",") if s])
+        validate_config(config, stage_names(config))
     assert message in str(raised.value)
 
 
@@ -446,12 +446,13 @@ def test_every_shipped_config_passes_its_checks(config_name, preset):
     """The shipped configs pass (the scale-up ones with the preset of the HF model they name, absent here)."""
     import importlib
 
+    from r1jax.pipeline import stage_names
     from r1jax.stages import validate_config
 
     config = importlib.import_module(f"configs.{config_name}").get_config()
     if preset:
         config.model.hf_path, config.model.preset = "", preset
-    validate_config(config, [s for s in config.stages.split(",") if s])
+    validate_config(config, stage_names(config))
 
 
 def test_a_started_workdir_refuses_other_run_settings_and_keeps_its_config(tmp_path, monkeypatch):
