@@ -8,8 +8,10 @@
       <stage>/metrics.jsonl   (+ TensorBoard events)
 
 A stage whose manifest says "done" is skipped on a rerun; a "running" one resumes from its last
-checkpoint. The run's resources (mesh, tokenizer, datasets, the initial model) are built once by
-`RunContext` and shared by every stage.
+checkpoint. A stage builds on another through `<stage>/final` in this workdir (never the absolute path a
+manifest recorded, so a copied or moved workdir uses its own files), checked against the parameter hash
+that stage recorded (`RunContext.stage_model`). The run's resources (mesh, tokenizer, datasets, the
+initial model) are built once by `RunContext` and shared by every stage.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ class StageManifest:
 def stage_names(config: ConfigDict) -> list[str]:
     """`config.stages` ("pretrain, rl") as the list of stage names it runs, in order."""
     return [s.strip() for s in config.stages.split(",") if s.strip()]
+
+
+def finished_stage(workdir: Path, name: str) -> StageManifest | None:
+    """Stage `name`'s manifest in `workdir` if the stage finished there (by this invocation or an earlier one)."""
+    manifest = StageManifest.read(workdir / name)
+    return manifest if manifest is not None and manifest.status == "done" else None
 
 
 def _json_value(x):
@@ -221,6 +229,25 @@ class RunContext:
         graphdef, abstract = sharded_abstract_state(self.initial_model_config(), self.mesh)
         return nnx.merge(graphdef, restore_params(checkpoint, abstract))
 
+    def final_dir(self, stage: str) -> Path:
+        """Where stage `stage` saves its final parameters in this workdir."""
+        return (self.workdir / stage / "final").absolute()
+
+    def stage_model(self, manifest: StageManifest) -> tuple[nnx.Module, str]:
+        """(model, parameter hash) of a finished stage's final parameters in this workdir, checked against the
+        hash the stage recorded. Read from `final_dir`, not from the absolute path its manifest recorded,
+        which a copied or moved workdir does not hold. Several processes: all must call it."""
+        final = self.final_dir(manifest.name)
+        if not final.is_dir():
+            raise ConfigError(f"{final}: stage {manifest.name} finished ({final.parent / MANIFEST}) but its final "
+                              "parameters are gone; rerun that stage (move its folder aside) or restore them")
+        model = self.model_from(final)
+        digest = param_hash(nnx.state(model))
+        if manifest.param_hash and digest != manifest.param_hash:
+            raise ConfigError(f"{final}: its parameters (hash {digest}) are not those stage {manifest.name} finished "
+                              f"with ({manifest.param_hash}); rerun that stage (move its folder aside) or restore them")
+        return model, digest
+
     def initial_model_config(self) -> ModelConfig:
         if self.config.model.hf_path:
             from r1jax.model.hf import read_config
@@ -265,19 +292,15 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
             manifests[name] = previous = manifest
             continue
         source, init = _init_source(config, name, manifests, previous)
-        # An earlier stage's final parameters in this workdir (not the absolute path its manifest recorded,
-        # which a copied or moved workdir does not hold), checked against the hash it recorded.
-        model = ctx.initial_model() if init is None else ctx.model_from(workdir / init.name / "final")
-        init_hash = param_hash(nnx.state(model))
-        if init is not None and init.param_hash and init_hash != init.param_hash:
-            raise ConfigError(f"{workdir / init.name / 'final'}: its parameters (hash {init_hash}) are not those "
-                              f"stage {init.name} finished with ({init.param_hash}); rerun that stage (move its "
-                              "folder aside) or restore them")
+        if init is None:
+            model = ctx.initial_model()
+            init_hash = param_hash(nnx.state(model))
+        else:
+            model, init_hash = ctx.stage_model(init)
         if manifest is None:
             manifest = StageManifest(name=name, config=_stage_config(config, name), started=time.time())
         manifest.init_source = source
-        manifest.init_checkpoint = str((workdir / init.name / "final").absolute()) if init else (
-            config.model.hf_path or "random-init")
+        manifest.init_checkpoint = str(ctx.final_dir(init.name)) if init else (config.model.hf_path or "random-init")
         manifest.init_param_hash = init_hash
         manifest.write(stage_dir)
         print(f"[r1jax] stage {name}: starting from {manifest.init_checkpoint}", flush=True)

@@ -31,7 +31,7 @@ from ml_collections import ConfigDict
 
 from r1jax.data.filters import filter_samples
 from r1jax.data.templates import get_template
-from r1jax.pipeline import RunContext, StageManifest
+from r1jax.pipeline import RunContext, StageManifest, finished_stage
 from r1jax.rewards import combine, get_reward
 from r1jax.stages import SECTION_CHECKS, check_counts, reward_table
 from r1jax.stages_r1 import (
@@ -64,15 +64,12 @@ def teacher(ctx: RunContext) -> tuple[nnx.Module, Any, str]:
     if t.hf_path:  # an HF teacher brings its own tokenizer (tokenizer_path serves Orbax checkpoints)
         model = load_hf(t.hf_path, mesh=ctx.mesh, **ctx.runtime_model_fields())
         return model, load_hf_tokenizer(t.hf_path), t.hf_path
-    checkpoint = Path(t.checkpoint) if t.checkpoint else None
-    if checkpoint is None:
-        manifest = StageManifest.read(Path(t.workdir) / t.stage)
-        if manifest is None or manifest.status != "done":
-            raise ValueError(
-                f"distill.teacher: no finished stage {t.stage!r} under {t.workdir!r}; run "
-                f"`python -m r1jax.train --config=r1 --workdir {t.workdir}` first, or set "
-                "--config.distill.teacher.checkpoint (Orbax params) or --config.distill.teacher.hf_path")
-        checkpoint = Path(manifest.checkpoint)
+    manifest = None if t.checkpoint else finished_stage(Path(t.workdir), t.stage)
+    if not t.checkpoint and manifest is None:
+        raise ValueError(
+            f"distill.teacher: no finished stage {t.stage!r} under {t.workdir!r}; run "
+            f"`python -m r1jax.train --config=r1 --workdir {t.workdir}` first, or set "
+            "--config.distill.teacher.checkpoint (Orbax params) or --config.distill.teacher.hf_path")
     # The teacher's model config and tokenizer: this run's config with the teacher's model section.
     teacher_config = ConfigDict(c.to_dict())
     teacher_config.model = ConfigDict(t.model.to_dict())
@@ -84,7 +81,12 @@ def teacher(ctx: RunContext) -> tuple[nnx.Module, Any, str]:
         tok = ctx.tokenizer
     if not teacher_config.model.vocab_size and not teacher_config.model.preset:
         teacher_config.model.vocab_size = tok.vocab_size
-    return RunContext(teacher_config, Path(t.workdir)).model_from(checkpoint), tok, str(checkpoint)
+    teacher_ctx = RunContext(teacher_config, Path(t.workdir))
+    if manifest is None:
+        return teacher_ctx.model_from(Path(t.checkpoint)), tok, t.checkpoint
+    # The teacher run's stage as it is in its workdir now, checked against the hash the stage recorded.
+    model, _ = teacher_ctx.stage_model(manifest)
+    return model, tok, str(teacher_ctx.final_dir(t.stage))
 
 
 def distill_examples(ctx: RunContext, section, stage_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -44,7 +44,7 @@ from r1jax.data.synthetic import solution_trace, summary_text
 from r1jax.data.templates import DEFAULT_SPECIAL_TOKEN, format_cold_start, format_prompt, parse_r1_zero
 from r1jax.evaluate import evaluate_completions, grader_from_reward, sample_completions, summarize
 from r1jax.metrics import plot_curves
-from r1jax.pipeline import RunContext, StageManifest, stage_names
+from r1jax.pipeline import RunContext, StageManifest, finished_stage, stage_names
 from r1jax.rewards import RewardPool, combine, get_reward
 from r1jax.rewards.format import follows_r1_format, follows_r1_zero_format
 from r1jax.rewards.math import voting_answer
@@ -115,18 +115,21 @@ def latest_checkpoint_step(stage_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def stage_checkpoint(ctx: RunContext, source: str, current: str) -> Path:
-    """The final parameters of stage `source` ("previous": the stage before `current` in config.stages)."""
+def finished_model(ctx: RunContext, source: str, current: str) -> tuple[nnx.Module, Path]:
+    """(model, its folder) of stage `source`'s final parameters ("previous": the stage before `current` in
+    config.stages), finished in this workdir by this invocation or an earlier one, checked against the hash
+    it recorded (`RunContext.stage_model`)."""
     names = stage_names(ctx.config)
     if source == "previous":
         i = names.index(current)
         if i == 0:
             raise ValueError(f"{current}.sample_from='previous' but {current} is the first stage")
         source = names[i - 1]
-    manifest = StageManifest.read(ctx.workdir / source)
-    if manifest is None or manifest.status != "done" or not manifest.checkpoint:
+    manifest = finished_stage(ctx.workdir, source)
+    if manifest is None:
         raise ValueError(f"{current}: stage {source!r} has no finished checkpoint under {ctx.workdir / source}")
-    return Path(manifest.checkpoint)
+    model, _ = ctx.stage_model(manifest)
+    return model, ctx.final_dir(source)
 
 
 def reasoning_reward_name(ctx: RunContext) -> str:
@@ -490,13 +493,13 @@ def rejection_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[
         metrics = json.loads((stage_dir / "data_stats.json").read_text())
         print(f"[r1jax] rejection_sft: reusing {len(examples)} examples from {data_file}", flush=True)
     else:
-        source = stage_checkpoint(ctx, s.sample_from, stage_dir.name)
-        graphdef, params = nnx.split(ctx.model_from(source))
+        sampler, source = finished_model(ctx, s.sample_from, stage_dir.name)
+        graphdef, params = nnx.split(sampler)
         records = reasoning_records(ctx, "train")[: s.prompts]
         samples = sample_graded(ctx, graphdef, params, records, template=c.data.r1_template,
                                 k=s.samples_per_prompt, sampling=sampling_config(s, ctx.tokenizer),
                                 key=jax.random.key(c.seed + 33))
-        del graphdef, params
+        del sampler, graphdef, params
         kept, counts = filter_samples(samples, filter_config(s, c), per_prompt=s.per_prompt)
         metrics = {"data/sampled_from": str(source),
                    "data/sample_accuracy": float(np.mean([x["correct"] for x in samples])),

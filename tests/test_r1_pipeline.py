@@ -358,9 +358,97 @@ def test_an_hf_teacher_samples_with_its_own_tokenizer(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------ stage handoff on disk
 
 
+def tiny_r1_config(**changes):
+    from configs import r1
+
+    config = r1.get_config()
+    config.update_from_flattened_dict({**TINY_R1, **changes})
+    return config
+
+
+def bump(ctx, model, stage_dir):
+    """A stand-in stage that adds 1 to every parameter: each stage's final differs from its start."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x + 1, state)), {}
+
+
+STAND_INS = dict.fromkeys(R1_STAGES, bump)
+
+
 def test_config_stages_is_read_one_way():
     from ml_collections import ConfigDict
 
     from r1jax.pipeline import stage_names
 
     assert stage_names(ConfigDict({"stages": " pretrain, ,rl_all ,"})) == ["pretrain", "rl_all"]
+
+
+def test_rejection_sampling_samples_from_its_own_workdirs_stage_checked_by_hash(tmp_path, monkeypatch):
+    """rejection_sft's `sample_from` stage is read from this workdir (a copy sampled from the original's
+    files, by the absolute path its manifest recorded) and checked against the hash that stage recorded."""
+    import shutil
+
+    from flax import nnx
+
+    from r1jax import stages_r1
+    from r1jax.pipeline import ConfigError, RunContext, StageManifest, param_hash, run_pipeline, save_params
+
+    config = tiny_r1_config(stages="pretrain,cold_start,reasoning_rl")
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    run_pipeline(config, original, STAND_INS)
+    shutil.copytree(original, copy)
+    final = original / "reasoning_rl" / "final"
+    changed, _ = bump(None, RunContext(config, original).model_from(final), None)
+    shutil.rmtree(final)
+    save_params(nnx.state(changed), final)  # the original's files change: the copy must not see it
+
+    class Sampled(Exception):
+        pass
+
+    def sample_graded(ctx, graphdef, params, *args, **kwargs):
+        raise Sampled(param_hash(params))
+
+    monkeypatch.setattr(stages_r1, "sample_graded", sample_graded)
+    config = tiny_r1_config(stages="pretrain,cold_start,reasoning_rl,rejection_sft")
+
+    def sampled_hash(workdir):
+        with pytest.raises(Sampled) as sampled:
+            stages_r1.rejection_sft(RunContext(config, workdir), None, workdir / "rejection_sft")
+        return sampled.value.args[0]
+
+    assert sampled_hash(copy) == StageManifest.read(copy / "reasoning_rl").param_hash
+    shutil.rmtree(copy / "reasoning_rl" / "final")
+    shutil.copytree(final, copy / "reasoning_rl" / "final")
+    with pytest.raises(ConfigError, match=r"copy/reasoning_rl/final: its parameters \(hash \w+\) are not those "
+                                          r"stage reasoning_rl finished with"):
+        sampled_hash(copy)
+
+
+def test_a_teacher_run_is_read_from_its_workdir_where_it_is_now_checked_by_hash(tmp_path):
+    """distill.teacher.workdir names an R1 run: its stage's parameters are read there (a moved run's manifest
+    records the old absolute path) and checked against the hash the stage recorded."""
+    import shutil
+
+    from flax import nnx
+
+    from configs import distill
+    from r1jax.pipeline import ConfigError, RunContext, StageManifest, param_hash, run_pipeline
+    from r1jax.stages_distill import teacher
+
+    run_pipeline(tiny_r1_config(stages="pretrain,cold_start"), tmp_path / "r1", STAND_INS)
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "r1", moved)
+    config = distill.get_config()
+    config.update_from_flattened_dict({**TINY_DISTILL, "distill.teacher.workdir": str(moved),
+                                       "distill.teacher.stage": "cold_start"})
+    model, _, source = teacher(RunContext(config, tmp_path / "student"))
+    assert source == str((moved / "cold_start" / "final").absolute())
+    assert param_hash(nnx.state(model)) == StageManifest.read(moved / "cold_start").param_hash
+    shutil.rmtree(moved / "cold_start" / "final")
+    shutil.copytree(moved / "pretrain" / "final", moved / "cold_start" / "final")
+    with pytest.raises(ConfigError, match=r"moved/cold_start/final: its parameters \(hash \w+\) are not those stage "
+                                          r"cold_start finished with"):
+        teacher(RunContext(config, tmp_path / "student"))
