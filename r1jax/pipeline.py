@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -275,13 +276,17 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
         raise ConfigError(f"config.stages={config.stages!r}: unknown stage(s) {unknown}; known: {sorted(stages)}")
     if validate is not None:
         validate(config, names)
-    if (workdir / "config.json").exists() and any(StageManifest.read(workdir / n) for n in names):
+    # Any stage started here, by this invocation's list or an earlier one's, fixes the run's settings.
+    if (workdir / "config.json").exists() and any(workdir.glob(f"*/{MANIFEST}")):
         _check_same_run(json.loads((workdir / "config.json").read_text()), json.loads(config.to_json_best_effort()),
                         workdir)
     ctx = RunContext(config, workdir)
     if jax.process_index() == 0:  # what `python -m r1jax.evaluate --workdir` rebuilds the run from
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        # Replaced whole: the other processes may be reading it in `_check_same_run` meanwhile.
+        tmp = workdir / f".config.json.{os.getpid()}.tmp"
+        tmp.write_text(config.to_json_best_effort(indent=2))
+        tmp.replace(workdir / "config.json")
     previous: StageManifest | None = None
     manifests = {}
     for name in names:
@@ -316,9 +321,11 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
 
 
 # What every stage of a run builds on: changed in a workdir whose stages have started, the run would mix
-# two tokenizers, corpora or architectures. (Model fields that only choose how to compute are free.)
+# two tokenizers, corpora or architectures. Free: model fields that only choose how to compute, and the
+# held-out set (`RunContext.records("eval")`, read by evaluations alone), which changes what is measured,
+# not what is trained. (data.data_dir is not free: a benchmark named in data.train is read from it.)
 _RUN_SECTIONS = ("seed", "model", "tokenizer", "data", "pretrain")
-_FREE_FIELDS = ("model.remat", "model.attention_block", "model.dtype")
+_FREE_FIELDS = ("model.remat", "model.attention_block", "model.dtype", "data.eval", "data.eval_size")
 
 
 def _check_same_run(before: dict[str, Any], now: dict[str, Any], workdir: Path) -> None:

@@ -455,33 +455,88 @@ def test_every_shipped_config_passes_its_checks(config_name, preset):
     validate_config(config, stage_names(config))
 
 
-def test_a_started_workdir_refuses_other_run_settings_and_keeps_its_config(tmp_path, monkeypatch):
-    """Rerunning into a workdir whose stages have started, with another corpus, tokenizer, data or model,
-    would mix two runs (a finished run's tokenizer was retrained under its model by the next command that
-    rebuilt it): refused, naming the fields, config.json left as it was. How a model computes (remat) is
-    free."""
-    from r1jax.pipeline import ConfigError, StageManifest, run_pipeline
-    from r1jax.stages import STAGES, validate_config
+class BuildingModel(Exception):
+    """Raised where a run that passed its checks would build its model."""
 
-    class Started(Exception):
-        pass
 
-    def started(*args, **kwargs):
-        raise Started
+@pytest.fixture
+def started_workdir(tmp_path, monkeypatch):
+    """A workdir whose pretrain stage has started with `override_config()`; a run that gets past its checks
+    raises BuildingModel instead of building the model."""
+    from r1jax.pipeline import StageManifest
 
-    monkeypatch.setattr("r1jax.pipeline.init_model", started)
+    def building(*args, **kwargs):
+        raise BuildingModel
+
+    monkeypatch.setattr("r1jax.pipeline.init_model", building)
     workdir = tmp_path / "w"
     workdir.mkdir()
     (workdir / "config.json").write_text(override_config().to_json_best_effort())
     StageManifest("pretrain").write(workdir / "pretrain")
+    return workdir
+
+
+def test_a_started_workdir_refuses_other_run_settings_and_keeps_its_config(started_workdir):
+    """Rerunning into a workdir whose stages have started, with another corpus, tokenizer, data or model,
+    would mix two runs (a finished run's tokenizer was retrained under its model by the next command that
+    rebuilt it): refused, naming the fields, config.json left as it was. How a model computes (remat) is
+    free."""
+    from r1jax.pipeline import ConfigError, run_pipeline
+    from r1jax.stages import STAGES, validate_config
+
+    workdir = started_workdir
     recorded = (workdir / "config.json").read_bytes()
     changed = override_config(**{"pretrain.corpus_size": 120, "model.hidden_size": 48})
     with pytest.raises(ConfigError, match=r"holds a run started with other settings \(model.hidden_size: 32 -> 48; "
                                           r"pretrain.corpus_size: 100 -> 120\)"):
         run_pipeline(changed, workdir, STAGES, validate=validate_config)
     assert (workdir / "config.json").read_bytes() == recorded
-    with pytest.raises(Started):  # past the check: building the model
+    with pytest.raises(BuildingModel):  # past the check: building the model
         run_pipeline(override_config(**{"model.remat": "full"}), workdir, STAGES, validate=validate_config)
+
+
+def test_a_started_workdir_lets_evaluation_settings_change_but_not_its_training_data(started_workdir):
+    """The held-out set (data.eval, data.eval_size) only changes what is measured: free in a started
+    workdir. The training data is not, and a run of later stages is checked against the stages an
+    earlier invocation started, not only its own."""
+    from r1jax.pipeline import ConfigError, run_pipeline
+    from r1jax.stages import STAGES, validate_config
+
+    workdir = started_workdir
+    with pytest.raises(BuildingModel):
+        run_pipeline(override_config(**{"data.eval_size": 4, "data.eval": "/data/held_out.jsonl"}), workdir, STAGES,
+                     validate=validate_config)
+    assert json.loads((workdir / "config.json").read_text())["data"]["eval_size"] == 4
+    with pytest.raises(ConfigError, match=r"other settings \(data.train_size: 32 -> 40\)"):
+        run_pipeline(override_config(**{"data.train_size": 40}), workdir, STAGES, validate=validate_config)
+    with pytest.raises(ConfigError, match=r"other settings \(model.hidden_size: 32 -> 48\)"):
+        run_pipeline(override_config(**{"model.hidden_size": 48, "stages": "rl"}), workdir, STAGES,
+                     validate=validate_config)
+
+
+def test_no_process_reads_half_of_the_config_json_another_writes(started_workdir, monkeypatch):
+    """Every process compares the workdir's config.json with its config while process 0 rewrites it: the
+    file is replaced whole, so a slower process reads the old one or the new one, never a torn one."""
+    from r1jax.pipeline import run_pipeline
+    from r1jax.stages import STAGES, validate_config
+
+    workdir = started_workdir
+    write_text, torn = Path.write_text, []
+
+    def slow_write(self, data, *args, **kwargs):  # writes half, lets another process read, then the rest
+        if self.parent == workdir:
+            write_text(self, data[: len(data) // 2], *args, **kwargs)
+            try:
+                json.loads((workdir / "config.json").read_text())
+            except json.JSONDecodeError:
+                torn.append(self.name)
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", slow_write)
+    with pytest.raises(BuildingModel):
+        run_pipeline(override_config(**{"model.remat": "full"}), workdir, STAGES, validate=validate_config)
+    assert not torn
+    assert json.loads((workdir / "config.json").read_text())["model"]["remat"] == "full"
 
 
 def test_a_copied_workdir_chains_its_own_stages_and_checks_their_hashes(tmp_path):
