@@ -10,8 +10,9 @@
 A stage whose manifest says "done" is skipped on a rerun; a "running" one resumes from its last
 checkpoint. A stage builds on another through `<stage>/final` in this workdir (never the absolute path a
 manifest recorded, so a copied or moved workdir uses its own files), checked against the parameter hash
-that stage recorded (`RunContext.stage_model`). The run's resources (mesh, tokenizer, datasets, the
-initial model) are built once by `RunContext` and shared by every stage.
+that stage recorded (`RunContext.stage_model`); the other stage may have finished in an earlier invocation
+(`--config.stages=rejection_sft,rl_all` after one that ran the first stages). The run's resources
+(mesh, tokenizer, datasets, the initial model) are built once by `RunContext` and shared by every stage.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def finished_stage(workdir: Path, name: str) -> StageManifest | None:
     """Stage `name`'s manifest in `workdir` if the stage finished there (by this invocation or an earlier one)."""
     manifest = StageManifest.read(workdir / name)
     return manifest if manifest is not None and manifest.status == "done" else None
+
+
+def finished_stages(workdir: Path) -> dict[str, StageManifest]:
+    """{name: manifest} of every stage finished in `workdir`, by this invocation or an earlier one."""
+    found = {path.parent.name: finished_stage(workdir, path.parent.name) for path in workdir.glob(f"*/{MANIFEST}")}
+    return {name: found[name] for name in sorted(found) if found[name] is not None}
 
 
 def _json_value(x):
@@ -263,11 +270,12 @@ StageFn = Callable[[RunContext, nnx.Module, Path], tuple[nnx.Module, dict[str, A
 
 
 def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, StageFn],
-                 validate: Callable[[ConfigDict, list[str]], None] | None = None) -> dict[str, StageManifest]:
+                 validate: Callable[[ConfigDict, list[str], Path], None] | None = None) -> dict[str, StageManifest]:
     """Run `config.stages` in order; returns each stage's manifest.
 
-    `validate(config, stage_names)` runs first, so a bad value fails before the tokenizer, the data
-    or the model is built (`r1jax.stages.validate_config`).
+    `validate(config, stage_names, workdir)` runs first, so a bad value fails before the tokenizer, the
+    data or the model is built (`r1jax.stages.validate_config`). A stage may build on stages an earlier
+    invocation finished in `workdir` (`init`, `sample_from`, `budget_from`).
     """
     workdir = Path(workdir)
     names = stage_names(config)
@@ -275,7 +283,7 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
     if not names or unknown:
         raise ConfigError(f"config.stages={config.stages!r}: unknown stage(s) {unknown}; known: {sorted(stages)}")
     if validate is not None:
-        validate(config, names)
+        validate(config, names, workdir)
     # Any stage started here, by this invocation's list or an earlier one's, fixes the run's settings.
     if (workdir / "config.json").exists() and any(workdir.glob(f"*/{MANIFEST}")):
         _check_same_run(json.loads((workdir / "config.json").read_text()), json.loads(config.to_json_best_effort()),
@@ -296,7 +304,7 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
             print(f"[r1jax] stage {name}: done already ({stage_dir / MANIFEST}), skipping", flush=True)
             manifests[name] = previous = manifest
             continue
-        source, init = _init_source(config, name, manifests, previous)
+        source, init = _init_source(config, name, manifests, previous, workdir)
         if init is None:
             model = ctx.initial_model()
             init_hash = param_hash(nnx.state(model))
@@ -345,23 +353,24 @@ def _check_same_run(before: dict[str, Any], now: dict[str, Any], workdir: Path) 
                           f"or the settings in {workdir / 'config.json'}")
 
 
-def _init_source(config: ConfigDict, name: str, done: dict[str, StageManifest],
-                 previous: StageManifest | None) -> tuple[str, StageManifest | None]:
-    """Where stage `name` starts (`config.<name>.init`): "previous" (default), "initial" (the run's
-    initial model), "base" (the `pretrain` stage's output if the run has one, else the initial model,
-    as R1's rejection-sampling SFT retrains the base) or an earlier stage's name. None: initial."""
+def _init_source(config: ConfigDict, name: str, done: dict[str, StageManifest], previous: StageManifest | None,
+                 workdir: Path) -> tuple[str, StageManifest | None]:
+    """Where stage `name` starts (`config.<name>.init`): "previous" (default: the stage before it in
+    config.stages), "initial" (the run's initial model), "base" (the `pretrain` stage's output if the run
+    has one, else the initial model, as R1's rejection-sampling SFT retrains the base) or an earlier
+    stage's name. `done`: this invocation's finished stages; a stage an earlier invocation finished in
+    `workdir` counts too. None: initial."""
     section = config.get(name)
     source = section.get("init", "previous") if isinstance(section, ConfigDict) else "previous"
-    if source == "previous":
-        return source, previous
-    if source == "initial" or (source == "base" and "pretrain" not in done):
-        return source, None
+    if source in ("previous", "initial"):
+        return source, previous if source == "previous" else None
     stage = "pretrain" if source == "base" else source
-    if stage not in done:
+    manifest = done.get(stage) or finished_stage(workdir, stage)
+    if manifest is None and source != "base":
         raise ValueError(f"config.{name}.init={source!r}: no earlier stage {stage!r} in "
-                         f"config.stages={config.stages!r}; accepted: 'previous', 'initial', 'base' or an earlier "
-                         "stage's name")
-    return source, done[stage]
+                         f"config.stages={config.stages!r} nor finished in {workdir}; accepted: 'previous', "
+                         "'initial', 'base' or an earlier stage's name")
+    return source, manifest
 
 
 def _stage_config(config: ConfigDict, name: str) -> dict[str, Any]:

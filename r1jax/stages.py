@@ -26,7 +26,7 @@ from r1jax.data.templates import get_template
 from r1jax.evaluate import evaluate_model
 from r1jax.grpo import GRPOConfig
 from r1jax.metrics import plot_curves, read_jsonl, write_report
-from r1jax.pipeline import ConfigError, RunContext
+from r1jax.pipeline import ConfigError, RunContext, StageManifest, finished_stages
 from r1jax.rewards import CombinedReward, RewardPool, combine, get_reward
 from r1jax.sampling import SamplingConfig
 from r1jax.trainers.loop import run_loop
@@ -203,19 +203,32 @@ def _summary(metrics_path: Path) -> dict[str, Any]:
     }
 
 
-# Checks of a stage's own config section, `check(ctx, section_name, stage_names)`, run by `validate_config`
-# for each stage of the run that has one (the R1 and distillation stage modules add theirs).
-SECTION_CHECKS: dict[str, Callable[[RunContext, str, list[str]], None]] = {}
+@dataclasses.dataclass(frozen=True)
+class StageOrder:
+    """What the stages of one invocation can build on: the stages it runs (config.stages, in order) and
+    those an earlier invocation finished in the workdir."""
+
+    names: list[str]
+    finished: dict[str, StageManifest] = dataclasses.field(default_factory=dict)
+
+    def before(self, name: str) -> list[str]:
+        """The stages `name` can build on: those before it in config.stages, then those finished earlier."""
+        earlier = self.names[:self.names.index(name)]
+        return earlier + [s for s in self.finished if s not in earlier and s != name]
+
+
+# Checks of a stage's own config section, `check(ctx, section_name, order)`, run by `validate_config` for
+# each stage of the run that has one (the R1 and distillation stage modules add theirs).
+SECTION_CHECKS: dict[str, Callable[[RunContext, str, StageOrder], None]] = {}
 STAND_IN_TOKENIZER = types.SimpleNamespace(eos_id=0, pad_id=0)  # sampling sections are checked before it exists
 
 
-def check_init(ctx: RunContext, name: str, names: list[str]) -> None:
-    """`<name>.init` is "previous", "initial", "base" or a stage that runs before `name`."""
+def check_init(ctx: RunContext, name: str, order: StageOrder) -> None:
+    """`<name>.init` is "previous", "initial", "base" or a stage it can build on (`StageOrder.before`)."""
     source = ctx.config[name].get("init", "previous")
-    earlier = names[:names.index(name)]
-    if source not in ("previous", "initial", "base") and source not in earlier:
+    if source not in ("previous", "initial", "base") and source not in order.before(name):
         raise ValueError(f"{name}.init={source!r}; accepted: 'previous', 'initial', 'base' or a stage before "
-                         f"it: {earlier}")
+                         f"it or finished in the workdir: {order.before(name)}")
 
 
 def check_fraction(section, name: str, field: str) -> None:
@@ -237,15 +250,17 @@ def sft_run_config(section, seed: int) -> SFTConfig:
                      micro_batches=section.micro_batches, max_length=section.max_length, seed=seed)
 
 
-def validate_config(c: ConfigDict, names: list[str]) -> None:
+def validate_config(c: ConfigDict, names: list[str], workdir: Path | None = None) -> None:
     """Build every section the named stages read, before the tokenizer, data or model cost anything.
+    `workdir`: where stages that an earlier invocation finished may be built on (none if None).
 
     Raises `ConfigError` naming the section (the dataclasses' own checks name the field).
     """
     try:
-        ctx = RunContext(c, Path("."))  # builds the mesh only
+        ctx = RunContext(c, Path(workdir or "."))  # builds the mesh only
     except ValueError as e:
         raise ConfigError(f"config.mesh: {e}") from e
+    finished = finished_stages(Path(workdir)) if workdir is not None else {}
 
     def model():
         if c.model.hf_path:
@@ -297,7 +312,7 @@ def validate_config(c: ConfigDict, names: list[str]) -> None:
         checks.update(rl=rl, eval=evaluation)
     for name in names:
         if name in SECTION_CHECKS:
-            checks[name] = functools.partial(SECTION_CHECKS[name], ctx, name, names)
+            checks[name] = functools.partial(SECTION_CHECKS[name], ctx, name, StageOrder(names, finished))
             checks["eval"] = evaluation  # every such stage ends with a held-out evaluation
     for section, check in checks.items():
         try:

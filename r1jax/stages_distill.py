@@ -31,9 +31,9 @@ from ml_collections import ConfigDict
 
 from r1jax.data.filters import filter_samples
 from r1jax.data.templates import get_template
-from r1jax.pipeline import RunContext, StageManifest, finished_stage
+from r1jax.pipeline import RunContext, finished_stage
 from r1jax.rewards import combine, get_reward
-from r1jax.stages import SECTION_CHECKS, check_counts, reward_table
+from r1jax.stages import SECTION_CHECKS, StageOrder, check_counts, reward_table
 from r1jax.stages_r1 import (
     DATA_FILE,
     GRPORun,
@@ -155,8 +155,8 @@ def student_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx
     t0, cpu0 = time.time(), time.process_time()
     budget = float(s.budget_s)
     if s.budget_from:
-        manifest = StageManifest.read(ctx.workdir / s.budget_from)
-        key = "time/budget_s" if s.budget_clock == "wall" else "time/budget_cpu_s"
+        manifest = finished_stage(ctx.workdir, s.budget_from)
+        key = _budget_key(s)
         if manifest is None or key not in manifest.metrics:
             raise ValueError(f"student_rl.budget_from={s.budget_from!r}: that stage has not finished in {ctx.workdir}")
         budget = float(manifest.metrics[key])
@@ -201,19 +201,28 @@ def student_rl(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx
                                  metrics=metrics, history=history, t0=t0, cpu0=cpu0)
 
 
+def _budget_key(section) -> str:
+    """The metric of the `budget_from` stage that `student_rl` spends: the budget on its `budget_clock`."""
+    return "time/budget_s" if section.budget_clock == "wall" else "time/budget_cpu_s"
+
+
 DISTILL_STAGES = {"distill": distill, "student_rl": student_rl}
 
 
-def check_student_rl(ctx: RunContext, name: str, names: list[str]) -> None:
-    check_grpo_stage(ctx, name, names)
+def check_student_rl(ctx: RunContext, name: str, order: StageOrder) -> None:
+    check_grpo_stage(ctx, name, order)
     s = ctx.config[name]
     get_template(s.template)
     reward_table(s.rewards)
     if s.budget_clock not in ("wall", "cpu"):
         raise ValueError(f"{name}.budget_clock={s.budget_clock!r}; accepted: 'wall', 'cpu'")
-    if s.budget_from and s.budget_from not in names[:names.index(name)]:
-        raise ValueError(f"{name}.budget_from={s.budget_from!r} must name a stage before it ({names}) or be empty "
-                         "(budget_s seconds)")
+    if s.budget_from and s.budget_from not in order.before(name):
+        raise ValueError(f"{name}.budget_from={s.budget_from!r} must name a stage before it or finished in the "
+                         f"workdir ({order.before(name)}) or be empty (budget_s seconds)")
+    finished = order.finished.get(s.budget_from)
+    if finished is not None and _budget_key(s) not in finished.metrics:
+        raise ValueError(f"{name}.budget_from={s.budget_from!r}: that stage finished without measuring a budget "
+                         f"({_budget_key(s)!r} is not in its manifest's metrics)")
     check_counts(s, name, "calibration_steps")
 
 

@@ -59,6 +59,7 @@ from r1jax.sampling import SamplingConfig
 from r1jax.stages import (
     SECTION_CHECKS,
     STAND_IN_TOKENIZER,
+    StageOrder,
     batches_of,
     check_counts,
     check_fraction,
@@ -563,18 +564,20 @@ def check_sampling_section(ctx: RunContext, name: str) -> None:
     check_fraction(section, name, "general_fraction")
 
 
-def check_sft_stage(ctx: RunContext, name: str, names: list[str]) -> None:
-    check_init(ctx, name, names)
+def check_sft_stage(ctx: RunContext, name: str, order: StageOrder) -> None:
+    check_init(ctx, name, order)
     sft_run_config(ctx.config[name], ctx.config.seed)
     check_sampling_section(ctx, name)
     if "sample_from" in ctx.config[name]:
-        source, earlier = ctx.config[name].sample_from, names[:names.index(name)]
-        if source not in ("previous", *earlier) or not earlier:
-            raise ValueError(f"{name}.sample_from={source!r}; accepted: 'previous' or a stage before it: {earlier}")
+        source, first = ctx.config[name].sample_from, order.names.index(name) == 0
+        if source not in order.before(name) and (source != "previous" or first):
+            raise ValueError(f"{name}.sample_from={source!r}; accepted: 'previous' or a stage before it or finished "
+                             f"in the workdir: {order.before(name)}"
+                             + (f" ('previous' names none: {name} is the first of config.stages)" if first else ""))
 
 
-def check_grpo_stage(ctx: RunContext, name: str, names: list[str]) -> None:
-    check_init(ctx, name, names)
+def check_grpo_stage(ctx: RunContext, name: str, order: StageOrder) -> None:
+    check_init(ctx, name, order)
     section = ctx.config[name]
     grpo_run_config(section, sampling_config(section, STAND_IN_TOKENIZER), ctx.config.seed)
     check_fraction(section, name, "general_fraction")

@@ -427,6 +427,48 @@ def test_rejection_sampling_samples_from_its_own_workdirs_stage_checked_by_hash(
         sampled_hash(copy)
 
 
+def test_a_later_invocation_builds_on_the_stages_an_earlier_one_finished(tmp_path):
+    """`--config.stages=rejection_sft,rl_all` after a run of the first stages: `sample_from` may name a stage
+    finished in the workdir, and `init="base"` starts from its finished pretrain stage (not a random
+    model); a stage neither in the list nor finished there is refused before any work, naming the field."""
+    from r1jax.pipeline import ConfigError, StageManifest, run_pipeline
+    from r1jax.stages import validate_config
+
+    workdir, fresh = tmp_path / "w", tmp_path / "fresh"
+    run_pipeline(tiny_r1_config(stages="pretrain,cold_start,reasoning_rl"), workdir, STAND_INS,
+                 validate=validate_config)
+    later = tiny_r1_config(stages="rejection_sft,rl_all", **{"rejection_sft.sample_from": "reasoning_rl"})
+    manifests = run_pipeline(later, workdir, STAND_INS, validate=validate_config)
+    sft, pretrain = manifests["rejection_sft"], StageManifest.read(workdir / "pretrain")
+    assert (sft.init_source, sft.init_param_hash) == ("base", pretrain.param_hash)
+    assert sft.init_checkpoint == str((workdir / "pretrain" / "final").absolute())
+    assert manifests["rl_all"].init_param_hash == sft.param_hash
+
+    StageManifest("reasoning_rl").write(fresh / "reasoning_rl")  # started, not finished
+    with pytest.raises(ConfigError, match=r"config.rejection_sft: rejection_sft.sample_from='reasoning_rl'; "
+                                          r"accepted: 'previous' or a stage before it"):
+        run_pipeline(later, fresh, STAND_INS, validate=validate_config)
+    assert sorted(p.name for p in fresh.iterdir()) == ["reasoning_rl"]
+
+
+def test_student_rl_may_take_its_budget_and_base_from_stages_finished_earlier(tmp_path):
+    from configs import distill
+    from r1jax.pipeline import ConfigError, StageManifest
+    from r1jax.stages import validate_config
+
+    config = distill.get_config()
+    config.stages = "student_rl"
+    with pytest.raises(ConfigError, match=r"config.student_rl: student_rl.init='pretrain'"):
+        validate_config(config, ["student_rl"], tmp_path)
+    StageManifest("pretrain", status="done").write(tmp_path / "pretrain")
+    StageManifest("distill", status="done").write(tmp_path / "distill")
+    with pytest.raises(ConfigError, match=r"config.student_rl: student_rl.budget_from='distill'"):
+        validate_config(config, ["student_rl"], tmp_path)  # finished, but it measured no budget
+    StageManifest("distill", status="done", metrics={"time/budget_s": 3.0, "time/budget_cpu_s": 2.0}).write(
+        tmp_path / "distill")
+    validate_config(config, ["student_rl"], tmp_path)
+
+
 def test_a_teacher_run_is_read_from_its_workdir_where_it_is_now_checked_by_hash(tmp_path):
     """distill.teacher.workdir names an R1 run: its stage's parameters are read there (a moved run's manifest
     records the old absolute path) and checked against the hash the stage recorded."""
