@@ -35,8 +35,8 @@ from r1jax.pipeline import RunContext, finished_stage
 from r1jax.rewards import combine, get_reward
 from r1jax.stages import SECTION_CHECKS, StageOrder, check_counts, reward_table
 from r1jax.stages_r1 import (
-    DATA_FILE,
     GRPORun,
+    cached_examples,
     check_examples,
     check_grpo_stage,
     check_sft_stage,
@@ -51,7 +51,6 @@ from r1jax.stages_r1 import (
     train_sft,
     with_general_examples,
     write_json_atomic,
-    write_jsonl_atomic,
 )
 
 
@@ -128,17 +127,14 @@ def distill_examples(ctx: RunContext, section, stage_dir: Path) -> tuple[list[di
 def distill(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     c, s = ctx.config, ctx.config.distill
     t0, cpu0 = time.time(), time.process_time()
-    data_file = stage_dir / DATA_FILE
-    if data_file.exists():
-        examples = read_jsonl(data_file)
-        metrics = json.loads((stage_dir / "data_stats.json").read_text())
-    else:
+
+    def build():
         examples, metrics = distill_examples(ctx, s, stage_dir)
         metrics["time/data_s"] = time.time() - t0
         metrics["time/data_cpu_s"] = time.process_time() - cpu0
-        write_json_atomic(stage_dir / "data_stats.json", metrics)
-        write_jsonl_atomic(data_file, examples)
-    metrics["data/examples"] = len(examples)
+        return examples, metrics
+
+    examples, metrics = cached_examples(stage_dir, build)
     print(f"[r1jax] distill: {len(examples)} SFT examples from {metrics['data/teacher']}", flush=True)
     t_sft, cpu_sft = time.time(), time.process_time()
     trainer, history = train_sft(ctx, model, stage_dir, s, examples, c.data.r1_template)

@@ -29,7 +29,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +234,23 @@ def train_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path, section, exam
     return trainer, history
 
 
+def cached_examples(stage_dir: Path, build: Callable[[], tuple[list[dict[str, Any]], dict[str, Any]]]
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(examples, data metrics) of an SFT stage: those an earlier attempt at it cached (`data.jsonl` and
+    `data_stats.json`), else `build()`'s, cached before training so that a killed run resumes training
+    without sampling again (the statistics are written first: a `data.jsonl` always has them)."""
+    data_file = stage_dir / DATA_FILE
+    if data_file.exists():
+        examples, metrics = read_jsonl(data_file), json.loads((stage_dir / "data_stats.json").read_text())
+        print(f"[r1jax] {stage_dir.name}: reusing {len(examples)} examples from {data_file}", flush=True)
+    else:
+        examples, metrics = build()
+        write_json_atomic(stage_dir / "data_stats.json", metrics)
+        write_jsonl_atomic(data_file, examples)
+    metrics["data/examples"] = len(examples)
+    return examples, metrics
+
+
 def check_examples(stage_dir: Path, examples: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
     if not examples:
         counts = {k: v for k, v in metrics.items() if k.startswith("data/")}
@@ -412,21 +429,17 @@ def cold_start_examples(ctx: RunContext, model: nnx.Module, section) -> tuple[li
 def cold_start(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     c, s = ctx.config, ctx.config.cold_start
     t0, cpu0 = time.time(), time.process_time()
-    data_file = stage_dir / DATA_FILE
-    metrics: dict[str, Any] = {}
-    if data_file.exists():
-        examples = read_jsonl(data_file)
-        metrics.update(json.loads((stage_dir / "data_stats.json").read_text()))
-    else:
+
+    def build():
         graphdef, params = nnx.split(model)
-        metrics.update({f"init/{k}": v for k, v in evaluate_policy(
-            ctx, graphdef, params, template=s.source_template, step=0).items()})
+        metrics = {f"init/{k}": v for k, v in evaluate_policy(
+            ctx, graphdef, params, template=s.source_template, step=0).items()}
         examples, stats = cold_start_examples(ctx, model, s)
         metrics.update(stats)
         check_examples(stage_dir, examples, metrics)
-        write_json_atomic(stage_dir / "data_stats.json", metrics)
-        write_jsonl_atomic(data_file, examples)
-    metrics["data/examples"] = len(examples)
+        return examples, metrics
+
+    examples, metrics = cached_examples(stage_dir, build)
     print(f"[r1jax] cold_start: {len(examples)} examples ({metrics.get('data/from_traces', 0)} from worked traces)",
           flush=True)
     trainer, history = train_sft(ctx, model, stage_dir, s, examples, c.data.r1_template)
@@ -488,12 +501,8 @@ def with_general_examples(ctx: RunContext, kept: list[dict[str, Any]], fraction:
 def rejection_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.Module, dict[str, Any]]:
     c, s = ctx.config, ctx.config.rejection_sft
     t0, cpu0 = time.time(), time.process_time()
-    data_file = stage_dir / DATA_FILE
-    if data_file.exists():
-        examples = read_jsonl(data_file)
-        metrics = json.loads((stage_dir / "data_stats.json").read_text())
-        print(f"[r1jax] rejection_sft: reusing {len(examples)} examples from {data_file}", flush=True)
-    else:
+
+    def build():
         sampler, source = finished_model(ctx, s.sample_from, stage_dir.name)
         graphdef, params = nnx.split(sampler)
         records = reasoning_records(ctx, "train")[: s.prompts]
@@ -508,13 +517,13 @@ def rejection_sft(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[
         kept += top_up(ctx, kept, s, metrics)
         check_examples(stage_dir, kept, metrics)
         examples = with_general_examples(ctx, kept, s.general_fraction, metrics)
-        write_json_atomic(stage_dir / "data_stats.json", metrics)
         write_jsonl_atomic(stage_dir / "samples.jsonl", samples)
-        write_jsonl_atomic(data_file, examples)
         print(f"[r1jax] rejection_sft: kept {counts['kept']} of {counts['seen']} samples "
               f"({ {k: v for k, v in counts.items() if k not in ('seen', 'kept') and v} }), "
               f"+ {metrics['data/general']} non-reasoning", flush=True)
-    metrics["data/examples"] = len(examples)
+        return examples, metrics
+
+    examples, metrics = cached_examples(stage_dir, build)
     trainer, history = train_sft(ctx, model, stage_dir, s, examples, c.data.r1_template)
     return trainer.model, finish(ctx, stage_dir, trainer.graphdef, trainer.params, template=c.data.r1_template,
                                  metrics=metrics, history=history, t0=t0, cpu0=cpu0)

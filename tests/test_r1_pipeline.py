@@ -494,3 +494,20 @@ def test_a_teacher_run_is_read_from_its_workdir_where_it_is_now_checked_by_hash(
     with pytest.raises(ConfigError, match=r"moved/cold_start/final: its parameters \(hash \w+\) are not those stage "
                                           r"cold_start finished with"):
         teacher(RunContext(config, tmp_path / "student"))
+
+
+def test_an_sft_stage_builds_its_data_once_and_reuses_it_on_a_rerun(tmp_path, capsys):
+    from r1jax.stages_r1 import cached_examples
+
+    built = []
+
+    def build():
+        built.append(1)
+        return [{"question": "q", "completion": "c"}], {"data/seen": 2}
+
+    stage_dir = tmp_path / "rejection_sft"
+    stage_dir.mkdir()
+    first = cached_examples(stage_dir, build)
+    again = cached_examples(stage_dir, build)
+    assert first == again == ([{"question": "q", "completion": "c"}], {"data/seen": 2, "data/examples": 1})
+    assert built == [1] and "rejection_sft: reusing 1 examples from" in capsys.readouterr().out
