@@ -206,7 +206,8 @@ class RunContext:
         if spec.startswith("synthetic"):
             return synthetic.generate("train" if split == "train" else "test", size, seed=self.config.seed,
                                       spec=self.task_spec)
-        return benchmarks.load_benchmark(spec, limit=size or None, data_dir=d.data_dir or None)
+        return benchmarks.load_benchmark(spec, split="train" if split == "train" else None, limit=size or None,
+                                         data_dir=d.data_dir or None)
 
     def runtime_model_fields(self) -> dict[str, Any]:
         """The model fields a run chooses (precision, remat, attention blocks), whatever the weights' source."""

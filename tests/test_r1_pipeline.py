@@ -511,3 +511,21 @@ def test_an_sft_stage_builds_its_data_once_and_reuses_it_on_a_rerun(tmp_path, ca
     again = cached_examples(stage_dir, build)
     assert first == again == ([{"question": "q", "completion": "c"}], {"data/seen": 2, "data/examples": 1})
     assert built == [1] and "rejection_sft: reusing 1 examples from" in capsys.readouterr().out
+
+
+def test_a_benchmark_named_for_training_is_read_from_its_train_split(tmp_path):
+    """`--config.data.train=gsm8k` trains on GSM8K's train split (it read the test split, which
+    `data.eval=gsm8k` evaluates on); a benchmark with only a test split cannot be trained on."""
+    from r1jax.pipeline import RunContext
+
+    for split in ("train", "test"):
+        row = {"question": f"a {split} question", "answer": "#### 4"}
+        (tmp_path / f"gsm8k_{split}.jsonl").write_text(json.dumps(row) + "\n")
+    config = tiny_r1_config(**{"data.train": "gsm8k", "data.eval": "gsm8k", "data.data_dir": str(tmp_path),
+                               "data.train_size": 0, "data.eval_size": 0})
+    ctx = RunContext(config, tmp_path / "run")
+    assert [r["question"] for r in ctx.records("train")] == ["a train question"]
+    assert [r["question"] for r in ctx.records("eval")] == ["a test question"]
+    config.data.train = "math500"
+    with pytest.raises(ValueError, match="math500 has only a test split, not split='train'"):
+        ctx.records("train")
