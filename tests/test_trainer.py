@@ -319,6 +319,40 @@ def test_dynamic_sampling_takes_no_optimizer_step_on_filler_only_minibatches(ini
     assert max_rel_diff(params[2], params[1]) > 0
 
 
+class FixedSampler(GRPOTrainer):
+    """A trainer whose "sampler" writes G fixed completions per prompt (no generation program), and whose
+    update only records its batches (no update program): for tests of what a step assembles."""
+
+    def sample(self, prompt_ids, key):
+        rows, n = len(prompt_ids) * self.config.loss.group_size, NEW_TOKENS
+        mask = np.ones((rows, n), bool)
+        zeros = np.zeros((rows, n), np.float32)
+        return SampleOutput(tokens=np.full((rows, n), 3, np.int32), mask=mask, lengths=mask.sum(1),
+                            truncated=np.ones(rows, bool), logprobs=zeros, policy_logprobs=zeros,
+                            prompt_tokens=np.ones((rows, 4), np.int32), prompt_mask=np.ones((rows, 4), bool),
+                            steps=np.int32(n))
+
+
+def test_dynamic_sampling_reports_the_reward_columns_of_the_rows_it_trains_on(initial):
+    """Dynamic sampling keeps whole informative groups until the batch is full and cuts what overflows; the
+    per-reward metrics (`reward/<name>`) describe the same rows as `reward/mean`: not the cut groups (nor,
+    on several processes, a ragged list that cannot be gathered)."""
+    config = rl_config(steps=1, dynamic_sampling=True, max_sampling_rounds=3, num_minibatches=1, micro_batches=1,
+                       loss=GRPOConfig(group_size=4, beta=0.0))
+    rounds = iter([
+        [0.0, 1.0, 0.0, 1.0] + [0.5] * 12,  # round 1: group 0 informative, kept
+        [0.0, 1.0, 0.0, 1.0] * 3 + [10.0, 11.0, 10.0, 11.0],  # round 2: four kept, the last one cut
+    ])
+    trainer = FixedSampler(config, model_from(initial), CharTokenizer(),
+                           combine({"r": (lambda prompts, completions, **_: next(rounds), 1.0)}))
+    seen = []
+    trainer._update = lambda params, opt_state, batch: (seen.append(jax.device_get(batch)), (params, opt_state, {}))[1]
+    metrics = trainer.step(PromptStream(config.prompts_per_step))
+    assert len(seen) == 1 and seen[0]["mask"].all()  # 4 groups trained on: round 1's and 3 of round 2's
+    assert metrics["groups/sampled"] == 8 and metrics["reward/mean"] == 0.5
+    assert metrics["reward/r"] == metrics["reward/mean"] and metrics["reward/r_std"] == metrics["reward/std"] == 0.5
+
+
 # ------------------------------------------------------------------------------------ micro-batches
 
 

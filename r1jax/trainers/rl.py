@@ -238,6 +238,7 @@ class GRPOTrainer:
             if all_processes(sum(len(k["advantages"]) for k in kept) >= local_rows):
                 break
         host = _assemble(kept, local_rows)
+        columns = _row_columns(columns, local_rows)
         # which of the global batch's rows hold data (whole groups; the rest is dynamic sampling's filler)
         real = np.repeat(gather_processes(host["mask"].reshape(-1, g * host["mask"].shape[1]).any(axis=1)), g)
         if cfg.loss.advantage_scale == "batch":
@@ -281,8 +282,6 @@ class GRPOTrainer:
             self.ref_params = jax.tree.map(jnp.copy, params)
 
         # Metrics describe the global batch: every process's rows, in the global order.
-        columns = {name: np.asarray([np.nan if v is None else v for v in col], np.float64)
-                   for name, col in columns.items()}
         host, columns = gather_processes(
             ({k: host[k] for k in ("rewards", "lengths", "truncated", "mask", "prompt_mask")}, columns))
         sampled_groups, zero_groups, flops = sum_processes(np.asarray([sampled_groups, zero_groups, flops]))
@@ -375,6 +374,17 @@ def _assemble(kept: list[dict[str, np.ndarray]], rows: int) -> dict[str, np.ndar
         filler = {name: np.zeros((missing, *v.shape[1:]), v.dtype) for name, v in out.items()}
         filler["prompt_mask"][:, 0] = True  # one real slot so positions stay defined
         out = {name: np.concatenate([out[name], filler[name]]) for name in out}
+    return out
+
+
+def _row_columns(columns: dict[str, list], rows: int) -> dict[str, np.ndarray]:
+    """The reward columns of the kept rows, cut or padded (NaN: not judged) to exactly `rows` as `_assemble`
+    cuts or pads the rows themselves, so that they describe the rows trained on and every process's have
+    the same length (for `gather_processes`)."""
+    out = {}
+    for name, col in columns.items():
+        values = np.asarray([np.nan if v is None else v for v in col[:rows]], np.float64)
+        out[name] = np.pad(values, (0, rows - len(values)), constant_values=np.nan)
     return out
 
 
