@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from r1jax.checkpoint import NonFiniteError, check_finite
-from r1jax.grpo import GRPOConfig
+from r1jax.grpo import GRPOConfig, grpo_loss
 from r1jax.model import ModelConfig, abstract_model, get_preset, shard_model
 from r1jax.rewards import combine
 from r1jax.sampling import SampleOutput, SamplingConfig
@@ -37,6 +37,7 @@ from r1jax.trainers.rl import (
 )
 from r1jax.trainers.sft import sft_batch
 from r1jax.trainers.steps import (
+    accumulate_gradients,
     completion_logprobs,
     grpo_objective,
     init_opt_state,
@@ -388,6 +389,44 @@ def one_update(initial, objective, batch, micro_batches, group_size=1):
     step = step.lower(params, opt_state, batch).compile(compiler_options=FAST_COMPILE)
     params, _, metrics = step(params, opt_state, batch)
     return host(params), jax.device_get(metrics)
+
+
+class LogProbScale(nnx.Module):
+    """A "model" whose log-probs are the batch's scaled by one parameter: the GRPO loss without a network."""
+
+    def __init__(self):
+        self.scale = nnx.Param(jnp.ones(()))
+
+
+def test_micro_batches_report_the_one_big_batch_metrics():
+    """Every GRPO metric of a step accumulated over micro-batches is the whole batch's: the sums, the
+    extrema, and the advantages' std (the std over all sequences, not a mean of per-micro-batch stds)."""
+    rng = np.random.default_rng(0)
+    rows, n = 16, 5
+    lengths = rng.integers(1, n + 1, rows)
+    lengths[[3, 6, 7]] = 0  # empty rows, a micro-batch with none of its rows filled among them
+    logp = -rng.gamma(2.0, 1.0, (rows, n))
+    batch = {"logp": logp, "old_logp": logp + 0.3 * rng.standard_normal((rows, n)),
+             "ref_logp": logp + 0.2 * rng.standard_normal((rows, n)),
+             "advantages": 2.0 + rng.standard_normal(rows) * np.arange(rows) / 4,
+             "mask": np.arange(n)[None] < lengths[:, None]}
+    batch = {k: jnp.asarray(v, jnp.float32 if k != "mask" else None) for k, v in batch.items()}
+    config = GRPOConfig(group_size=4, beta=0.04, dual_clip=1.3)
+
+    def objective(model, batch, counts, prompt_run):
+        return grpo_loss(batch["logp"] * model.scale[...], batch["old_logp"], batch["ref_logp"], batch["advantages"],
+                         batch["mask"], config, num_sequences=counts[0], num_tokens=counts[1])
+
+    graphdef, params = nnx.split(LogProbScale())
+    _, whole = grpo_loss(batch["logp"], batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["mask"],
+                         config)
+    real = np.asarray(lengths > 0)
+    np.testing.assert_allclose(whole["advantage_std"], np.asarray(batch["advantages"])[real].std(), rtol=1e-6)
+    for m in (1, 2, 4, 8):
+        _, _, metrics = jax.jit(accumulate_gradients, static_argnums=(0, 3, 4))(graphdef, params, batch, objective, m)
+        assert set(metrics) == set(whole)
+        for k, v in whole.items():
+            np.testing.assert_allclose(metrics[k], v, rtol=2e-6, atol=1e-6, err_msg=f"{k}, {m} micro-batches")
 
 
 @pytest.mark.slow

@@ -134,8 +134,10 @@ def _micro_batches(batch: Batch, m: int, run: int) -> Batch:
 
 
 def _reduce_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-micro-batch metrics → the whole batch's: extrema combine by min/max, `*_std` (per call) is
-    averaged, everything else is already divided by whole-batch counts (or is a count) and adds up."""
+    """Per-micro-batch metrics → the whole batch's: extrema combine by min/max; everything else is already
+    divided by whole-batch counts (or is a count) and adds up, but `advantage_std`, each call's own std
+    over its `num_sequences`, which `_pooled_std` pools into the whole batch's (a mean of the micro-batches'
+    stds is not the batch's std)."""
     out = {}
     for k, v in stacked.items():
         if k.endswith("_max"):
@@ -146,7 +148,21 @@ def _reduce_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
             out[k] = jnp.mean(v)
         else:
             out[k] = jnp.sum(v)
+    if {"advantage_std", "advantage_mean", "num_sequences"} <= stacked.keys():
+        out["advantage_std"] = _pooled_std(stacked["advantage_std"], stacked["advantage_mean"],
+                                           stacked["num_sequences"])
     return out
+
+
+def _pooled_std(stds: jax.Array, means: jax.Array, counts: jax.Array) -> jax.Array:
+    """The population std of the union of M parts, from each part's std and count and its share of the
+    union's mean (`means[m]` = sum of part m / the union's count, as `grpo_loss` reports `advantage_mean`):
+    Σ_m n_m (σ_m² + (μ_m − μ)²) / N, which does not cancel as E[x²] − μ² can."""
+    n = counts.astype(stds.dtype)  # [M]
+    total = jnp.maximum(jnp.sum(n), 1)
+    mean = jnp.sum(means)  # the union's mean: the shares add up
+    part_mean = means * total / jnp.maximum(n, 1)  # [M]; an empty part (n = 0) weighs nothing
+    return jnp.sqrt(jnp.sum(n * (stds**2 + (part_mean - mean) ** 2)) / total)
 
 
 def prompt_run(group_size: int, rows: int, micro_batches: int) -> int:
