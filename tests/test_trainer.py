@@ -354,6 +354,25 @@ def test_dynamic_sampling_reports_the_reward_columns_of_the_rows_it_trains_on(in
     assert metrics["reward/r"] == metrics["reward/mean"] and metrics["reward/r_std"] == metrics["reward/std"] == 0.5
 
 
+def test_dynamic_sampling_drops_every_group_of_equal_rewards_whatever_their_float32_rounding(initial):
+    """A group whose G rewards are all equal carries no signal (`group_advantages` gives it exactly 0) and
+    is dropped, even where float32 rounding makes NumPy's std of the G equal numbers nonzero (0.9 × 3:
+    2.4e-7); `groups/zero_std_fraction` counts it."""
+    assert np.float32([0.9, 0.9, 0.9]).std() > 0  # the rounding this test is about
+    config = rl_config(steps=1, dynamic_sampling=True, max_sampling_rounds=3, num_minibatches=1, micro_batches=1,
+                       loss=GRPOConfig(group_size=3, beta=0.0))
+    rounds = iter([[0.0, 1.0, 0.0] + [0.9] * 9, [0.0, 1.0, 1.0] * 4])  # round 1: 1 informative group of 4
+    trainer = FixedSampler(config, model_from(initial), CharTokenizer(),
+                           combine({"r": (lambda prompts, completions, **_: next(rounds), 1.0)}))
+    seen = []
+    trainer._update = lambda params, opt_state, batch: (seen.append(jax.device_get(batch)), (params, opt_state, {}))[1]
+    metrics = trainer.step(PromptStream(config.prompts_per_step))
+    assert metrics["groups/sampled"] == 8 and metrics["groups/zero_std_fraction"] == 3 / 8
+    (batch,) = seen
+    assert batch["mask"].all() and (batch["advantages"].reshape(4, 3).std(axis=1) > 0.1).all()
+    assert metrics["reward/mean"] == pytest.approx(np.mean([0.0, 1.0, 0.0] + [0.0, 1.0, 1.0] * 3))
+
+
 # ------------------------------------------------------------------------------------ micro-batches
 
 

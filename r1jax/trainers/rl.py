@@ -227,10 +227,13 @@ class GRPOTrainer:
             # "batch" takes one std over the whole global batch, once it is assembled (below)
             scale = "none" if cfg.loss.advantage_scale == "batch" else cfg.loss.advantage_scale
             adv = np.asarray(group_advantages(jnp.asarray(rewards), g, scale=scale)[0])
-            group_std = rewards.reshape(-1, g).std(axis=1)
-            sampled_groups += len(group_std)
-            zero_groups += int(np.sum(group_std == 0))
-            keep_groups = group_std > 0 if cfg.dynamic_sampling else np.ones_like(group_std, bool)
+            # All G rewards equal: no signal (group_advantages gives exactly 0). Tested as group_advantages
+            # does, by equality: float32 rounding makes NumPy's std of equal numbers nonzero (0.9 × 3: 2.4e-7).
+            grouped = rewards.reshape(-1, g)
+            equal = np.all(grouped == grouped[:, :1], axis=1)
+            sampled_groups += len(equal)
+            zero_groups += int(np.sum(equal))
+            keep_groups = ~equal if cfg.dynamic_sampling else np.ones_like(equal)
             keep = np.repeat(keep_groups, g)
             kept.append(_host_rows(out, adv, rewards, keep))
             for name, col in info["columns"].items():
