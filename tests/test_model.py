@@ -250,6 +250,42 @@ def test_corrupt_weights_and_null_config_fields_are_errors_that_name_the_file(tm
         load_hf(out)
 
 
+_LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("rope_fields", [
+    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **_LLAMA3}},
+    {"rope_scaling": {"type": "llama3", **_LLAMA3}, "rope_theta": 5e5},  # transformers 4's spelling
+    # Both spellings: transformers reads rope_scaling over rope_parameters, whole (not key by key)
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "rope_scaling": {"type": "llama3", **_LLAMA3},
+     "rope_theta": 5e5},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+     "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **_LLAMA3},
+     "rope_scaling": {"type": "linear", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 2.0}},
+])
+def test_rope_config_reads_as_transformers_reads_it_or_is_refused(rope_fields, tmp_path):
+    """RoPE type and theta as transformers reads the config.json; a type other than default / llama3 is a
+    ValueError naming it, never a default RoPE (config.json with rope_parameters 'default' and an older
+    rope_scaling 'yarn' loaded as plain RoPE, a 'llama3' one without its scaling)."""
+    from r1jax.model.config import from_hf_config, to_hf_config
+
+    hf = {k: v for k, v in to_hf_config(get_preset("tiny-llama")).items() if not k.startswith("rope_")}
+    hf.update(rope_fields)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    rope = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    if rope["rope_type"] not in ("default", "llama3"):
+        with pytest.raises(ValueError, match=f"rope type '{rope['rope_type']}' is not supported"):
+            from_hf_config(hf)
+        return
+    cfg = from_hf_config(hf)
+    assert cfg.rope_theta == rope["rope_theta"]
+    assert (cfg.rope_scaling is None) == (rope["rope_type"] == "default")
+    if cfg.rope_scaling is not None:
+        assert {k: rope[k] for k in _LLAMA3} == vars(cfg.rope_scaling)
+
+
 def test_a_sliding_window_over_no_layer_is_full_attention():
     """Qwen2 slides its window over layers ≥ max_window_layers: with that ≥ the layer count (or layer_types
     all full) every layer attends fully and the config loads; a window over some layer is refused."""

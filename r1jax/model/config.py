@@ -165,10 +165,10 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
                          f"< num_hidden_layers={hf.get('num_hidden_layers')} is not supported")
     if any(t != "full_attention" for t in hf.get("layer_types") or ()):
         raise ValueError(f"config.json layer_types={hf['layer_types']}: only full_attention layers are supported")
-    rope = dict(hf.get("rope_parameters") or {})
-    if hf.get("rope_scaling"):
-        rope.update(hf["rope_scaling"])
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    # As transformers reads it: an (older) rope_scaling replaces rope_parameters whole, not key by key; merged,
+    # a rope_scaling {"type": "yarn"} under rope_parameters {"rope_type": "default"} read as plain RoPE.
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = next((t for t in (rope.get("rope_theta"), hf.get("rope_theta")) if t is not None), 10_000.0)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":
         scaling = Llama3RopeScaling(
