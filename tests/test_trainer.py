@@ -373,6 +373,20 @@ def test_dynamic_sampling_drops_every_group_of_equal_rewards_whatever_their_floa
     assert metrics["reward/mean"] == pytest.approx(np.mean([0.0, 1.0, 0.0] + [0.0, 1.0, 1.0] * 3))
 
 
+def test_the_old_policy_and_reference_passes_share_one_scoring_program(initial):
+    """With μ > 1 and β > 0 a step scores the batch twice, for π_old and for π_ref: one compiled program
+    serves both (the second pass must not see the first one's output as a new input)."""
+    config = rl_config(steps=1, num_minibatches=1, micro_batches=1, loss=GRPOConfig(group_size=4, beta=0.04,
+                                                                                    num_iterations=2))
+    trainer = FixedSampler(config, model_from(initial), CharTokenizer(), combine({"a": (fraction_of_a, 1.0)}))
+    seen = []
+    trainer._update = lambda params, opt_state, batch: (seen.append(jax.device_get(batch)), (params, opt_state, {}))[1]
+    metrics = trainer.step(PromptStream(config.prompts_per_step))
+    assert metrics["time/old_logp"] > 0 and metrics["time/reference"] > 0 and len(seen) == 2
+    np.testing.assert_array_equal(seen[0]["old_logp"], seen[0]["ref_logp"])  # π_ref = π_θ = π_old at the start
+    assert trainer._score._cache_size() == 1
+
+
 # ------------------------------------------------------------------------------------ micro-batches
 
 

@@ -195,10 +195,13 @@ class GRPOTrainer:
         return totals, {"texts": texts, "columns": scored.columns}
 
     def _timed_score(self, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, float]:
-        """Completion log-probs of `batch` under `params` (one scoring pass) and its wall seconds."""
+        """Completion log-probs of `batch` under `params` (one scoring pass) and its wall seconds. Only the
+        arrays scoring reads go in: one compiled program for the π_old and π_ref passes, though the second
+        batch also holds the first one's log-probs."""
         t = time.perf_counter()
         with mesh_context(self.mesh):
-            logp = jax.block_until_ready(self._score(params, batch))
+            inputs = {k: batch[k] for k in ("prompt_tokens", "prompt_mask", "tokens", "mask")}
+            logp = jax.block_until_ready(self._score(params, inputs))
         return logp, time.perf_counter() - t
 
     def step(self, batches: Callable[[], dict[str, Any]]) -> dict[str, float]:
