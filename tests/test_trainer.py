@@ -387,6 +387,35 @@ def test_the_old_policy_and_reference_passes_share_one_scoring_program(initial):
     assert trainer._score._cache_size() == 1
 
 
+def test_the_reference_model_is_the_policy_of_every_ref_update_every_th_step(initial):
+    """R1: π_ref is replaced by the current policy every N steps; in between it stays fixed, and each step's
+    KL is taken against the π_ref of its start."""
+    config = rl_config(steps=4, num_minibatches=1, micro_batches=1, ref_update_every=2,
+                       loss=GRPOConfig(group_size=4, beta=0.04))
+    trainer = FixedSampler(config, model_from(initial), CharTokenizer(), combine({"a": (fraction_of_a, 1.0)}))
+    seen = []
+
+    def update(params, opt_state, batch):  # a stand-in update that moves every weight
+        seen.append(jax.device_get(batch))
+        return jax.tree.map(lambda x: x * 1.5, params), opt_state, {}
+
+    trainer._update = update
+    stream, start = PromptStream(config.prompts_per_step), host(trainer.params)
+    policies, refs = [], []
+    for _ in range(4):
+        trainer.step(stream)
+        policies.append(host(trainer.params))
+        refs.append(host(trainer.ref_params))
+    for got, want in zip(refs, [start, policies[1], policies[1], policies[3]], strict=True):
+        assert max_rel_diff(got, want) == 0
+    assert max_rel_diff(policies[0], start) > 0.1
+    score = trainer._score
+    for step, ref in ((1, start), (2, policies[1])):  # steps 2 and 3 (0-based 1, 2): refreshed after step 2
+        scored = score(jax.tree.map(jnp.asarray, jax.tree.unflatten(jax.tree.structure(trainer.params), ref)),
+                       {k: seen[step][k] for k in ("prompt_tokens", "prompt_mask", "tokens", "mask")})
+        np.testing.assert_array_equal(seen[step]["ref_logp"], np.asarray(scored))
+
+
 # ------------------------------------------------------------------------------------ micro-batches
 
 
