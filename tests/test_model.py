@@ -111,6 +111,27 @@ def test_prefill_then_decode_through_cache_matches_hf(hf_pair):
     assert rel_err(np.concatenate(got, axis=1), ref) <= TOL
 
 
+def test_default_positions_through_the_cache_count_the_cached_tokens():
+    """Without positions, a token's RoPE position is the count of real tokens before it, the cached ones
+    included: left-padded prompts of two lengths prefilled, then decoded one token at a time, give each
+    row the logits of a full forward over its unpadded tokens (decode steps read position 0 before)."""
+    model = init_model(get_preset("tiny-llama"), seed=0)
+    x = tokens(2, 14, seed=4)
+    lens, width = np.array([9, 5]), 9
+    left, valid = np.zeros((2, width), np.int64), np.arange(width)[None, :] >= width - lens[:, None]
+    for i, n in enumerate(lens):
+        left[i, width - n:] = x[i, :n]
+    cache = init_cache(model.cfg, batch=2, length=width + 5)
+    h, cache = model.hidden_states(jnp.asarray(left), valid=jnp.asarray(valid), cache=cache)
+    got = [np.asarray(model.logits(h))[np.arange(2), -1]]
+    for t in range(5):
+        h, cache = model.hidden_states(jnp.asarray(x[np.arange(2), lens + t][:, None]), cache=cache)
+        got.append(np.asarray(model.logits(h))[:, 0])
+    for i, n in enumerate(lens):
+        ref = np.asarray(model(jnp.asarray(x[i:i + 1, :n + 5])))[0, n - 1:]
+        assert rel_err(np.stack(got, 1)[i], ref) <= TOL, f"row {i}"
+
+
 def test_export_round_trip_loads_in_transformers(hf_pair, tmp_path):
     _, model, src = hf_pair
     out = save_hf(model, tmp_path / "export")

@@ -278,8 +278,9 @@ class Transformer(nnx.Module):
         """Final-normed hidden states [b, t, d] and the updated cache.
 
         tokens [b, t] int; valid [b, t] bool marks real tokens (default: all); positions [b, t]
-        default to the count of real tokens before each one (so left padding works). With a
-        cache, the t tokens are written at slots `cache.index …` and attend to all earlier slots.
+        default to the count of real tokens before each one, those in the cache included (so left
+        padding works). With a cache, the t tokens are written at slots `cache.index …` and attend
+        to all earlier slots.
         rope: `rope_tables(positions, rope_frequencies(cfg))` if the caller has it, e.g. rows
         gathered from a table built once outside a decode loop (XLA otherwise fuses cos/sin into
         every q/k consumer and recomputes them per element, ~10 % of a CPU decode step).
@@ -288,7 +289,8 @@ class Transformer(nnx.Module):
         if valid is None:
             valid = jnp.ones(tokens.shape, bool)
         if positions is None:
-            positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+            before = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]  # cached tokens
+            positions = jnp.maximum(before + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
         x = embedding_lookup(self.embed[...], tokens, cfg.dtype)
         run = _run_block
         if cfg.remat != "none":
