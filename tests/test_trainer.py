@@ -27,7 +27,7 @@ from r1jax.rewards import combine
 from r1jax.sampling import SampleOutput, SamplingConfig
 from r1jax.sharding import make_mesh
 from r1jax.trainers.loop import run_loop
-from r1jax.trainers.optim import OptimConfig, make_optimizer, schedule_step
+from r1jax.trainers.optim import OptimConfig, make_optimizer, schedule_step, skip_update
 from r1jax.trainers.rl import (
     GRPOTrainer,
     RLConfig,
@@ -414,6 +414,31 @@ def test_the_reference_model_is_the_policy_of_every_ref_update_every_th_step(ini
         scored = score(jax.tree.map(jnp.asarray, jax.tree.unflatten(jax.tree.structure(trainer.params), ref)),
                        {k: seen[step][k] for k in ("prompt_tokens", "prompt_mask", "tokens", "mask")})
         np.testing.assert_array_equal(seen[step]["ref_logp"], np.asarray(scored))
+
+
+def test_train_lr_is_the_learning_rate_of_the_last_update_taken(initial):
+    """A step whose later minibatches hold only dynamic sampling's filler skips them (the schedule still
+    counts them): `train/lr` is the rate the last update that ran was taken with, not a skipped one's."""
+    config = rl_config(steps=1, dynamic_sampling=True, max_sampling_rounds=1, num_minibatches=4, micro_batches=1,
+                       loss=GRPOConfig(group_size=4, beta=0.0),
+                       optim=OptimConfig(learning_rate=1.0, warmup_steps=100, eps=1e-6))  # lr = count / 100
+    rewards = [0.0, 1.0, 0.0, 1.0] + [0.5] * 12  # one informative group, three of filler
+    trainer = FixedSampler(config, model_from(initial), CharTokenizer(),
+                           combine({"r": (lambda prompts, completions, **_: rewards, 1.0)}))
+    taken = []
+
+    def update(params, opt_state, batch):  # a stand-in update that only counts as one for the schedule
+        taken.append(schedule_step(opt_state))
+        return params, skip_update(opt_state), {}
+
+    trainer._update = update
+    for seed in range(8):  # the minibatches' order is random: until the real group is not the last one
+        taken.clear()
+        metrics = trainer.step(PromptStream(config.prompts_per_step, seed=seed))
+        if taken[-1] % 4 != 3:
+            break
+    assert len(taken) == 1 and taken[-1] % 4 != 3 and schedule_step(trainer.opt_state) % 4 == 0
+    assert metrics["train/lr"] == pytest.approx(taken[-1] / 100)
 
 
 # ------------------------------------------------------------------------------------ micro-batches

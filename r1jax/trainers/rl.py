@@ -265,6 +265,8 @@ class GRPOTrainer:
         update_metrics = []
         mb = rows // cfg.num_minibatches
         params, opt_state = self.params, self.opt_state
+        planned = schedule_step(opt_state)  # the schedule's count at the next planned update
+        lr_count = planned + updates_per_step(cfg) - 1  # the last update taken's count (none taken: the last planned)
         with mesh_context(self.mesh):
             for it in range(cfg.loss.num_iterations):
                 groups = np.arange(rows // g)
@@ -274,9 +276,11 @@ class GRPOTrainer:
                 order = (groups[:, None] * g + np.arange(g)).ravel()  # whole groups: prompts run once per group
                 for i in range(cfg.num_minibatches):
                     idx = order[i * mb:(i + 1) * mb]
+                    planned += 1
                     if not real[idx].any():  # only filler: no step (AdamW's momentum would still move weights)
                         opt_state = skip_update(opt_state)
                         continue
+                    lr_count = planned - 1
                     minibatch = batch_dev if cfg.num_minibatches == 1 else _one_at_a_time(_take_rows(batch_dev, idx))
                     params, opt_state, m = _one_at_a_time(self._update(params, opt_state, minibatch))
                     update_metrics.append(m)
@@ -293,7 +297,7 @@ class GRPOTrainer:
         sampled_groups, zero_groups, flops = sum_processes(np.asarray([sampled_groups, zero_groups, flops]))
         metrics = _step_metrics(host, columns, update_metrics, times, ref_time, sampled_groups, zero_groups)
         metrics["time/old_logp"] = old_time
-        metrics["train/lr"] = float(self.schedule(max(schedule_step(self.opt_state) - 1, 0)))  # the last update's
+        metrics["train/lr"] = float(self.schedule(lr_count))  # the last update's (skipped ones' rates were not used)
         metrics["time/step"] = time.perf_counter() - t0
         metrics["tokens_per_s"] = float(host["lengths"].sum()) / metrics["time/step"]
         # Model FLOPs of the work done on the real rows (whole groups: filler rows come in groups):
