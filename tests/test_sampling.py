@@ -185,6 +185,49 @@ def test_greedy_through_the_cache_equals_argmax_of_full_forwards(split_model, fu
     assert np.asarray(out.prompt_mask).sum(1).tolist() == [5, 5, 11, 11, 3, 3]
 
 
+def test_greedy_decode_equals_transformers_generate(tmp_path):
+    """A tiny Llama 3 (llama3 RoPE scaling past its original 16 positions, GQA 4, untied) built and saved by
+    transformers: greedy completions of prompts of three lengths, batched, equal `generate` on each prompt
+    alone, stopping at the first of two stop ids; policy log-probs equal log_softmax of its logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from r1jax.model import load_hf
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=500_000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16}, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    graphdef, state = nnx.split(load_hf(tmp_path))
+
+    def hf_generate(prompt, n, eos):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=list(eos) or None,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        logits = torch.stack(out.logits, 1)[0].double().numpy()
+        return out.sequences[0, len(prompt):].tolist(), logits
+
+    n = 16
+    free = [hf_generate(p, n, ())[0] for p in PROMPTS]
+    stop = (free[0][3], free[2][9])
+    out = sample_groups(graphdef, state, PROMPTS, 2, jax.random.key(0), GREEDY.replace(max_new_tokens=n, eos_ids=stop))
+    for i, prompt in enumerate(PROMPTS):
+        ref, logits = hf_generate(prompt, n, stop)
+        for row in (2 * i, 2 * i + 1):
+            length = int(out.lengths[row])
+            assert np.asarray(out.tokens)[row, :length].tolist() == ref, f"row {row}"
+            assert bool(out.truncated[row]) == (ref[-1] not in stop) and (length == n or ref[-1] in stop)
+            policy = np.take_along_axis(log_softmax64(logits), np.asarray(ref)[:, None], -1)[:, 0]
+            np.testing.assert_allclose(np.asarray(out.policy_logprobs)[row, :length], policy, atol=1e-5, rtol=0)
+    assert int(out.lengths[0]) <= 4
+
+
 def test_blockwise_prefill_gives_the_same_samples_and_log_probs(split_model):
     """With 4-query attention blocks the prompts' prefill (up to 11 tokens) runs block by block; the
     decode's single queries do not. Same key: the same tokens, log-probs to rounding."""
