@@ -321,6 +321,25 @@ def test_filtered_sampling_frequencies_match_the_renormalised_distribution(tempe
     np.testing.assert_allclose(policy_logp, log_softmax64(logits / temperature)[np.asarray(tokens)], atol=1e-5)
 
 
+def test_generated_first_tokens_follow_each_prompts_filtered_distribution(split_model, full_logits):
+    """Through prefill, row repetition and the decode loop: each prompt's G first tokens are draws from
+    its own tempered, top-k, top-p distribution (float64, from a full forward), independent across rows."""
+    graphdef, state = split_model
+    g, prompts = 4096, PROMPTS[:2]
+    config = SamplingConfig(max_new_tokens=2, temperature=0.7, top_k=20, top_p=0.9)
+    out = sample_groups(graphdef, state, prompts, g, jax.random.key(9), config)
+    padded, lengths = sampling.pad_prompts(prompts, min_length=REF_WIDTH)
+    logits = full_logits(padded, np.arange(REF_WIDTH)[None, :] < lengths[:, None])
+    for i, n in enumerate(lengths):
+        expected = reference_filtered_probs(logits[i, n - 1], 0.7, 20, 0.9)
+        counts = np.bincount(np.asarray(out.tokens)[i * g:(i + 1) * g, 0], minlength=CFG.vocab_size)
+        support, dof = expected > 0, int((expected > 0).sum()) - 1
+        assert dof >= 3 and not counts[~support].any(), f"prompt {i}: a filtered-out token was drawn"
+        chi2 = float(np.sum((counts[support] - g * expected[support]) ** 2 / (g * expected[support])))
+        limit = dof * (1 - 2 / (9 * dof) + 3.72 * np.sqrt(2 / (9 * dof))) ** 3  # P(χ² > limit) ≈ 1e-4 (Wilson–Hilferty)
+        assert chi2 < limit, f"prompt {i}: chi-square {chi2:.1f} ≥ {limit:.1f} at {dof} degrees of freedom"
+
+
 def test_top_p_keeps_the_top_token_even_when_it_alone_exceeds_p():
     logits = jnp.log(jnp.array([[0.05, 0.9, 0.05]]))
     config = SamplingConfig(max_new_tokens=1, top_p=0.5)
