@@ -307,6 +307,21 @@ def test_rope_config_reads_as_transformers_reads_it_or_is_refused(rope_fields, t
         assert {k: rope[k] for k in _LLAMA3} == vars(cfg.rope_scaling)
 
 
+def test_model_config_reads_a_rope_scaling_dict_and_refuses_other_types():
+    """A rope_scaling dict (an asdict round trip, or HF's spelling with its type) is Llama-3 scaling; another
+    type is a ValueError naming it (it was a TypeError about an unexpected keyword)."""
+    from r1jax.model import Llama3RopeScaling, ModelConfig
+
+    base = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+    for spelling in ({}, {"rope_type": "llama3"}, {"type": "llama3"}):
+        assert ModelConfig(**base, rope_scaling={**spelling, **_LLAMA3}).rope_scaling == Llama3RopeScaling(**_LLAMA3)
+    for bad in ({"rope_type": "yarn", "factor": 4.0}, {"type": "linear", "factor": 2.0}):
+        with pytest.raises(ValueError, match=rf"model.rope_scaling type '{bad.get('rope_type', bad.get('type'))}'"):
+            ModelConfig(**base, rope_scaling=bad)
+    with pytest.raises(ValueError, match="model.rope_scaling=.*beta_fast"):
+        ModelConfig(**base, rope_scaling={**_LLAMA3, "beta_fast": 32})
+
+
 def test_a_sliding_window_over_no_layer_is_full_attention():
     """Qwen2 slides its window over layers ≥ max_window_layers: with that ≥ the layer count (or layer_types
     all full) every layer attends fully and the config loads; a window over some layer is refused."""

@@ -86,8 +86,15 @@ class ModelConfig:
                 jnp.dtype(getattr(self, name))
             except TypeError as e:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is not a dtype") from e
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", Llama3RopeScaling(**self.rope_scaling))
+        if isinstance(self.rope_scaling, dict):  # an asdict round trip, or HF's spelling with its type
+            fields = {k: v for k, v in self.rope_scaling.items() if k not in ("rope_type", "type")}
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "llama3"))
+            if kind != "llama3":
+                raise ValueError(f"model.rope_scaling type {kind!r} is not supported (accepted: llama3, or None)")
+            try:
+                object.__setattr__(self, "rope_scaling", Llama3RopeScaling(**fields))
+            except TypeError as e:
+                raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: {e}") from e
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
