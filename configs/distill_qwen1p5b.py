@@ -14,7 +14,13 @@ Where a value comes from:
       cosine decay to a tenth, batch 64, about 2-3 epochs, 32,768-token context — values we could
       not re-check against the paper text here, so verify before quoting them. Evaluation: k samples
       at temperature 0.6, top-p 0.95. The RL control uses R1-Zero's RL settings: lr 3e-6, β = 0.001,
-      G = 16, 32 questions per step, temperature 1.0, 16 minibatches, reference refresh every 400.
+      G = 16, temperature 1.0, rollouts of 8,192 completions in 16 minibatches of 32 questions, the
+      reference replaced every 400 training steps (25 r1jax steps: one is a rollout; see
+      `configs/r1zero_qwen7b.py`).
+      R1's 1.5B student is Qwen2.5-Math-1.5B, whose config.json allows 4,096 positions: to follow R1,
+      point `model.hf_path` at it with `max_position_embeddings` raised there for 32k-token traces (as
+      DeepSeek-R1-Distill-Qwen-1.5B's config.json has it). The default here, Qwen2.5-1.5B, takes them
+      as shipped.
 [ours] Teacher sampling temperature and samples per prompt, number of prompts, filter thresholds,
        warm-up, ε for the control (R1's reasoning-RL value, 10).
 """
@@ -57,8 +63,9 @@ def get_config() -> ConfigDict:
     c.student_rl.update(dict(
         init="initial",  # the HF student base
         template="r1_zero", rewards=ConfigDict({"accuracy": 1.0, "format": 1.0}),
-        prompts_per_step=32, group_size=16, beta=0.001, epsilon_low=10.0, epsilon_high=10.0,  # [R1] / ε [ours]
-        num_minibatches=16, micro_batches=4, ref_update_every=400, learning_rate=3e-6, warmup_steps=0,  # [R1]
+        prompts_per_step=512, group_size=16, beta=0.001, epsilon_low=10.0, epsilon_high=10.0,  # [R1] / ε [ours]
+        num_minibatches=16, ref_update_every=25, learning_rate=3e-6, warmup_steps=0,  # [R1]
+        micro_batches=64,  # [ours] 8 completions per micro-batch
         max_new_tokens=MAX_LENGTH, temperature=1.0, reward_workers=16, steps=100_000,
     ))
     c.eval = ConfigDict(teacher.eval.to_dict())

@@ -8,20 +8,30 @@ rejection-sampling SFT's `init="base"` is the HF model). Where a value comes fro
 
 [R1]  DeepSeek-R1 (arXiv 2501.12948 and its Nature version), as we read it:
       - reasoning RL: learning rate 3e-6, KL coefficient β = 0.001, clip ratio ε = 10, rollout
-        temperature 1.0, G = 16 samples per question, 32 questions per step (512 completions), max
-        length 32,768 tokens, reference model replaced every 400 steps, each rollout split into 16
-        minibatches and trained for one inner epoch (μ = 1); language-consistency reward summed with
-        the rule rewards.
+        temperature 1.0, G = 16 samples per question, max length 32,768 tokens, 32 questions per
+        training step (batch 512), reference model replaced every 400 training steps, each rollout
+        8,192 outputs split into 16 minibatches and trained for one inner epoch (μ = 1);
+        language-consistency reward summed with the rule rewards. An r1jax step is one rollout:
+        512 questions × 16 samples, 16 optimizer steps of 32 questions each, so R1's 400 training
+        steps are 25 r1jax steps.
       - RL for all scenarios: rollout temperature 0.7 ("higher temperatures give incoherent
-        generation"), 1,700 steps, general prompts and preference rewards used in the final 400 only
-        (not modelled here: general prompts are mixed in from the start at `general_fraction`).
+        generation"), 1,700 training steps (106 r1jax steps of 16), general prompts and preference
+        rewards used in the final 400 only (not modelled here: general prompts are mixed in from the
+        start at `general_fraction`).
       - rejection-sampling SFT: ~600k reasoning + ~200k non-reasoning samples (general_fraction 0.25),
         two epochs, from the base model.
-      - evaluation: k samples at temperature 0.6, top-p 0.95, max length 32,768.
+      - evaluation: k samples at temperature 0.6, top-p 0.95 (k from 4 to 64 by the test set's
+        size), max length 32,768.
 [ours] Not given by the paper: SFT learning rate, batch and warm-up; cold-start size; filter
        thresholds (long paragraph); rejection-sampling temperature and samples per prompt; the
-       number of reasoning-RL steps (R1 trains "until convergence"); preference models (R1 uses
-       trained reward models; plug one in with `r1jax.rewards.preference.register_preference_model`).
+       number of reasoning-RL steps (R1 trains "until convergence"; we take R1-Zero's 10,400);
+       micro-batching; preference models (R1 uses trained reward models; plug one in with
+       `r1jax.rewards.preference.register_preference_model`).
+
+Memory: the sampler decodes a step's 8,192 rows of up to 32k tokens in one call, sharded over the
+mesh, which takes a large slice. On a smaller one keep R1's batch of 512 per update and give up the
+rollout's reuse over 16 updates: `prompts_per_step=32, num_minibatches=1, ref_update_every=400`, and
+16 times the `steps`.
 
 Cold-start data: set `cold_start.data_path` to a JSONL of curated long-CoT examples (R1 used
 thousands, partly R1-Zero outputs refined by annotators); left empty, the stage samples the base
@@ -73,12 +83,15 @@ def get_config() -> ConfigDict:
     ))
     c.cold_start.filters.max_paragraph_chars = 2_000  # [ours]
     rl = dict(
-        prompts_per_step=32, group_size=16, preset="grpo", beta=0.001, epsilon_low=10.0, epsilon_high=10.0,  # [R1]
-        kl_estimator="k3", num_iterations=1, num_minibatches=16, micro_batches=4, ref_update_every=400,  # [R1]
+        # [R1] a rollout of 8,192 completions (512 questions × G = 16) in 16 minibatches: 16 optimizer steps of
+        # 32 questions (R1's training step, batch 512), one inner epoch; the reference every 400 of them
+        prompts_per_step=512, group_size=16, num_minibatches=16, num_iterations=1, ref_update_every=25,
+        preset="grpo", beta=0.001, epsilon_low=10.0, epsilon_high=10.0, kl_estimator="k3",  # [R1]
+        micro_batches=64,  # [ours] 8 completions per micro-batch
         learning_rate=3e-6, warmup_steps=0, schedule="constant", weight_decay=0.0, max_grad_norm=1.0,  # [R1] lr
         max_new_tokens=MAX_LENGTH, top_p=1.0, reward_workers=16,
     )
-    c.reasoning_rl.update(dict(steps=4_000, temperature=1.0, **rl))  # steps [ours]: R1 trains to convergence
+    c.reasoning_rl.update(dict(steps=650, temperature=1.0, **rl))  # steps [ours]: R1-Zero's 10,400 training steps
     c.rejection_sft.update(dict(
         init="base", sample_from="previous", prompts=200_000, samples_per_prompt=4, per_prompt=3,  # [ours]
         max_new_tokens=MAX_LENGTH, temperature=1.0, general_fraction=0.25,  # [R1] 600k + 200k
@@ -86,8 +99,8 @@ def get_config() -> ConfigDict:
         **sft,
     ))
     c.rejection_sft.filters.max_paragraph_chars = 2_000  # [ours]
-    c.rl_all.update(dict(steps=1_700, temperature=0.7, general_fraction=0.25, **rl))  # [R1] 1,700 steps, T = 0.7
-    c.eval = ConfigDict(dict(every=100, k=16, temperature=0.6, top_p=0.95, max_new_tokens=MAX_LENGTH,  # [R1]
+    c.rl_all.update(dict(steps=106, temperature=0.7, general_fraction=0.25, **rl))  # [R1] 1,700 training steps, T 0.7
+    c.eval = ConfigDict(dict(every=25, k=16, temperature=0.6, top_p=0.95, max_new_tokens=MAX_LENGTH,  # [R1]
                              general_size=0, general_k=1, batch=64))
-    c.checkpoint = ConfigDict(dict(every=50, keep=3))
+    c.checkpoint = ConfigDict(dict(every=10, keep=3))
     return c
