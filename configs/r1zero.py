@@ -61,8 +61,12 @@ def get_config() -> ConfigDict:
         steps=40, prompts_per_step=16, group_size=8,
         # The loss preset (grpo, dapo, dr_grpo, gspo) and the fields that override it; unset (None), a field
         # is the preset's (grpo: β 0.001, ε 0.2 / 0.2, k3), so --config.rl.preset=dapo gives DAPO's ε and β.
+        # Advantages: the std of each "group" (R1), of the "batch", or "none" (Dr. GRPO); its ddof and ε
+        # (0 and 1e-6; TRL's: 1 and 1e-4).
         preset="grpo", beta=config_dict.placeholder(float), epsilon_low=config_dict.placeholder(float),
         epsilon_high=config_dict.placeholder(float), kl_estimator=config_dict.placeholder(str),
+        advantage_scale=config_dict.placeholder(str), advantage_std_ddof=config_dict.placeholder(int),
+        advantage_eps=config_dict.placeholder(float),
         num_iterations=1, num_minibatches=1, micro_batches=1,
         ref_update_every=400, dynamic_sampling=False, max_sampling_rounds=3,
         old_logprobs="trainer",  # π_old: the trainer's log-probs ("sampler": the sampler's; RLConfig says more)

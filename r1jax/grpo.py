@@ -340,6 +340,8 @@ class GRPOConfig:
                                    the `scale` of `group_advantages`. The GRPO trainer takes the
                                    "batch" std over the whole batch it trains on (every process's
                                    rows and sampling round), not over one process's or one round's.
+      advantage_std_ddof,   the std's delta degrees of freedom and the ε added to it in
+      advantage_eps         `group_advantages`: 0 and 1e-6 by default; TRL's are 1 and 1e-4.
 
     Presets (`GRPOConfig.preset(name, **overrides)`, table in `PRESETS`):
       grpo     DeepSeekMath/R1: ε = 0.2 symmetric, β = 0.001, k3, token ratio, seq_mean_token_mean,
@@ -364,6 +366,8 @@ class GRPOConfig:
     aggregation: Aggregation = "seq_mean_token_mean"
     max_completion_length: int | None = None
     advantage_scale: AdvantageScale = "group"
+    advantage_std_ddof: int = 0
+    advantage_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, low: int) -> None:
@@ -379,6 +383,9 @@ class GRPOConfig:
         nonneg_float("epsilon_low", self.epsilon_low)
         nonneg_float("epsilon_high", self.epsilon_high)
         nonneg_float("beta", self.beta)
+        nonneg_float("advantage_eps", self.advantage_eps)
+        if self.advantage_std_ddof not in (0, 1) or isinstance(self.advantage_std_ddof, bool):
+            raise ValueError(f"GRPOConfig.advantage_std_ddof={self.advantage_std_ddof!r} must be 0 or 1")
         if self.dual_clip is not None and (
             isinstance(self.dual_clip, bool)
             or not isinstance(self.dual_clip, int | float)

@@ -124,7 +124,8 @@ def pretrain(ctx: RunContext, model: nnx.Module, stage_dir: Path) -> tuple[nnx.M
     return trainer.model, (history[-1] if history else {})
 
 
-_PRESET_FIELDS = ("beta", "epsilon_low", "epsilon_high", "kl_estimator")
+_PRESET_FIELDS = ("beta", "epsilon_low", "epsilon_high", "kl_estimator", "advantage_scale", "advantage_std_ddof",
+                  "advantage_eps")
 
 
 def grpo_config(rl, max_new_tokens: int) -> GRPOConfig:

@@ -512,6 +512,8 @@ def test_logprob_and_chunk_errors():
         ({"group_size": 1}, r"GRPOConfig\.group_size=1 must be an int >= 2"),
         ({"num_iterations": 0}, r"GRPOConfig\.num_iterations=0 must be an int >= 1"),
         ({"aggregation": "seq_mean_token_sum_norm"}, r"GRPOConfig\.max_completion_length=None"),
+        ({"advantage_std_ddof": 2}, r"GRPOConfig\.advantage_std_ddof=2 must be 0 or 1"),
+        ({"advantage_eps": -1e-4}, r"GRPOConfig\.advantage_eps=-0\.0001 must be a finite number >= 0"),
     ],
 )
 def test_config_validation_names_field_and_value(kwargs, pattern):

@@ -372,6 +372,7 @@ def test_cli_reports_a_bad_value_before_any_work(env, tmp_path):
     ({"rl.micro_batches": 3}, "rl.micro_batches=3 must divide the minibatch of 4 completions"),
     ({"rl.preset": "foo"}, "config.rl: preset='foo' must be one of"),
     ({"rl.epsilon_high": -1.0}, "config.rl: GRPOConfig.epsilon_high=-1.0 must be a finite number >= 0"),
+    ({"rl.advantage_scale": "groups"}, "config.rl: GRPOConfig.advantage_scale='groups' must be one of"),
     ({"rl.old_logprobs": "policy"}, "config.rl: rl.old_logprobs='policy' must be 'trainer' or 'sampler'"),
     ({"rl.schedule": "linear"}, "config.rl: optim.schedule='linear'"),
     ({"rl.rewards": {"acuracy": 1.0}}, "config.rl: unknown reward 'acuracy'"),
@@ -587,6 +588,9 @@ def test_a_preset_chosen_in_the_config_keeps_its_clip_and_kl_unless_the_config_s
         assert grpo_config(rl, 32) == GRPOConfig.preset(preset, **fixed, **budget), preset
     rl.preset, rl.beta = "dapo", 0.01  # a field the config sets overrides the preset's
     assert grpo_config(rl, 32) == GRPOConfig.preset("dapo", beta=0.01, **fixed)
+    rl.advantage_scale, rl.advantage_std_ddof, rl.advantage_eps = "batch", 1, 1e-4  # TRL's advantages
+    assert grpo_config(rl, 32) == GRPOConfig.preset("dapo", beta=0.01, advantage_scale="batch", advantage_std_ddof=1,
+                                                    advantage_eps=1e-4, **fixed)
 
 
 HUGE_PAGES_PROBE = r"""

@@ -373,6 +373,25 @@ def test_dynamic_sampling_drops_every_group_of_equal_rewards_whatever_their_floa
     assert metrics["reward/mean"] == pytest.approx(np.mean([0.0, 1.0, 0.0] + [0.0, 1.0, 1.0] * 3))
 
 
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_advantages_take_the_configured_std_ddof_and_eps(initial, scale):
+    """advantage_std_ddof=1 and advantage_eps=1e-4 give TRL's advantages: (r − group mean) / (the
+    unbiased std + 1e-4), of each group or of the whole batch (float64 NumPy reference)."""
+    rewards = np.asarray([0.0, 1.0, 0.0, 1.0, 0.2, 0.3, 0.9, 0.1] + [0.5, 0.0, 0.25, 1.0] * 2)
+    config = rl_config(steps=1, num_minibatches=1, micro_batches=1,
+                       loss=GRPOConfig(group_size=4, beta=0.0, advantage_scale=scale, advantage_std_ddof=1,
+                                       advantage_eps=1e-4))
+    trainer = FixedSampler(config, model_from(initial), CharTokenizer(),
+                           combine({"r": (lambda prompts, completions, **_: rewards.tolist(), 1.0)}))
+    seen = []
+    trainer._update = lambda params, opt_state, batch: (seen.append(jax.device_get(batch)), (params, opt_state, {}))[1]
+    trainer.step(PromptStream(config.prompts_per_step))
+    groups = rewards.reshape(-1, 4)
+    std = groups.std(axis=1, ddof=1, keepdims=True) if scale == "group" else rewards.std(ddof=1)
+    expected = (groups - groups.mean(axis=1, keepdims=True)) / (std + 1e-4)
+    np.testing.assert_allclose(seen[0]["advantages"], expected.ravel(), rtol=1e-6, atol=1e-7)
+
+
 def test_the_old_policy_and_reference_passes_share_one_scoring_program(initial):
     """With μ > 1 and β > 0 a step scores the batch twice, for π_old and for π_ref: one compiled program
     serves both (the second pass must not see the first one's output as a new input)."""

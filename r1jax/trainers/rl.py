@@ -229,7 +229,8 @@ class GRPOTrainer:
             times["reward"] = times.get("reward", 0.0) + time.perf_counter() - t
             # "batch" takes one std over the whole global batch, once it is assembled (below)
             scale = "none" if cfg.loss.advantage_scale == "batch" else cfg.loss.advantage_scale
-            adv = np.asarray(group_advantages(jnp.asarray(rewards), g, scale=scale)[0])
+            adv = np.asarray(group_advantages(jnp.asarray(rewards), g, scale=scale, eps=cfg.loss.advantage_eps,
+                                              std_ddof=cfg.loss.advantage_std_ddof)[0])
             # All G rewards equal: no signal (group_advantages gives exactly 0). Tested as group_advantages
             # does, by equality: float32 rounding makes NumPy's std of equal numbers nonzero (0.9 × 3: 2.4e-7).
             grouped = rewards.reshape(-1, g)
@@ -248,7 +249,7 @@ class GRPOTrainer:
         # which of the global batch's rows hold data (whole groups; the rest is dynamic sampling's filler)
         real = np.repeat(gather_processes(host["mask"].reshape(-1, g * host["mask"].shape[1]).any(axis=1)), g)
         if cfg.loss.advantage_scale == "batch":
-            host["advantages"] = _batch_scaled_advantages(host["rewards"], real, g)
+            host["advantages"] = _batch_scaled_advantages(host["rewards"], real, cfg.loss)
         # The sampler's log-probs serve as π_old only when asked for; with "trainer" and μ = 1, one
         # minibatch, the update takes its own (detached), else the parameters that sampled score the batch
         # before the first update moves them.
@@ -398,14 +399,15 @@ def _row_columns(columns: dict[str, list], rows: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _batch_scaled_advantages(local_rewards: np.ndarray, real: np.ndarray, g: int) -> np.ndarray:
+def _batch_scaled_advantages(local_rewards: np.ndarray, real: np.ndarray, loss: GRPOConfig) -> np.ndarray:
     """This process's advantages with `advantage_scale="batch"`: group-centred rewards divided by the std
     of the rewards of the batch that is trained on — every process's rows and sampling rounds, the groups
     dynamic sampling dropped and the filler rows (`real` false; their advantages stay 0) left out."""
     rewards = gather_processes(local_rewards)
     adv = np.zeros(len(rewards), np.float32)
     if real.any():
-        adv[real] = np.asarray(group_advantages(jnp.asarray(rewards[real]), g, scale="batch")[0])
+        adv[real] = np.asarray(group_advantages(jnp.asarray(rewards[real]), loss.group_size, scale="batch",
+                                                eps=loss.advantage_eps, std_ddof=loss.advantage_std_ddof)[0])
     return adv.reshape(jax.process_count(), -1)[jax.process_index()]
 
 
