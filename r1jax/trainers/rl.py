@@ -272,7 +272,7 @@ class GRPOTrainer:
             for it in range(cfg.loss.num_iterations):
                 groups = np.arange(rows // g)
                 if cfg.num_minibatches > 1:
-                    shuffle = jax.random.fold_in(self.key, 10_000 * step + it)
+                    shuffle = jax.random.fold_in(jax.random.fold_in(self.key, step), it)
                     groups = np.asarray(jax.random.permutation(shuffle, groups))
                 order = (groups[:, None] * g + np.arange(g)).ravel()  # whole groups: prompts run once per group
                 for i in range(cfg.num_minibatches):
