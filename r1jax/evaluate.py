@@ -380,7 +380,6 @@ def sample_completions(
     """
     import jax
 
-    from r1jax.data.templates import format_prompt
     from r1jax.sampling import sample_groups
     from r1jax.sharding import gather_processes
     from r1jax.trainers.rl import decode_completions
@@ -390,8 +389,7 @@ def sample_completions(
     lengths: list[list[int]] = []
     for start in range(0, len(records), prompts_per_batch):
         chunk = records[start:start + prompts_per_batch]
-        ids = [tokenizer.encode(format_prompt(template, r["question"], tokenizer=tokenizer), add_bos=True)
-               for r in chunk]
+        ids = [prompt_ids(r, tokenizer, template) for r in chunk]
         share = -(-len(ids) // processes)  # every process samples as many prompts: the last repeats one
         ids += ids[-1:] * (share * processes - len(ids))
         mine = ids[share * jax.process_index(): share * (jax.process_index() + 1)] if processes > 1 else ids
@@ -403,6 +401,13 @@ def sample_completions(
         texts.extend(decoded[i * k:(i + 1) * k] for i in range(len(chunk)))
         lengths.extend(n[i * k:(i + 1) * k] for i in range(len(chunk)))
     return texts, lengths
+
+
+def prompt_ids(record: dict[str, Any], tokenizer, template: str) -> list[int]:
+    """The token ids `sample_completions` prompts with for `record`'s question."""
+    from r1jax.data.templates import format_prompt
+
+    return tokenizer.encode(format_prompt(template, record["question"], tokenizer=tokenizer), add_bos=True)
 
 
 def evaluate_model(graphdef, params, records, tokenizer, *, template, k, sampling, key, grader=None, mesh=None,
@@ -508,9 +513,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     max_new = args.max_new_tokens or (config.eval.max_new_tokens if config is not None else 1024)
     sampling = SamplingConfig(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
                               eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    benchmarks = {name: _benchmark_records(name, config, args.limit, args.data_dir)
+                  for name in [b.strip() for b in args.benchmark.split(",") if b.strip()]}
+    positions = model.cfg.max_position_embeddings
+    for name, records in benchmarks.items():  # before any sampling: a later benchmark's error loses nothing
+        longest = max((len(prompt_ids(r, tokenizer, template)) for r in records), default=0)
+        if longest + max_new > positions:
+            raise ValueError(f"--benchmark {name}: its longest prompt ({longest} tokens) + max_new_tokens={max_new} "
+                             f"exceeds the model's max_position_embeddings={positions}; nothing was sampled (pass a "
+                             "smaller --max_new_tokens or leave the benchmark out)")
     summaries = {}
-    for name in [b.strip() for b in args.benchmark.split(",") if b.strip()]:
-        records = _benchmark_records(name, config, args.limit, args.data_dir)
+    for name, records in benchmarks.items():
         countdown = records and str(records[0].get("source", "")).startswith("synthetic-countdown")
         reward = countdown_reward if countdown else accuracy_reward
         summary, per_problem = evaluate_model(

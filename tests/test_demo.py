@@ -52,13 +52,19 @@ def test_shortened_default_command_raises_held_out_pass1(tmp_path):
     assert "base pass@1 (held-out)" in report and "final pass@1 (held-out)" in report
 
 
-def test_evaluate_cli_on_a_tiny_checkpoint(tmp_path, capsys):
+def tiny_run(workdir: Path) -> RunContext:
+    """A run folder as `python -m r1jax.train` leaves it: config.json, tokenizer, a 1-layer pretrain/final."""
     config = get_config()
     config.pretrain.corpus_size = 200
     config.model.update(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
-    ctx = RunContext(config, tmp_path)
-    save_params(nnx.state(ctx.initial_model()), tmp_path / "pretrain" / "final")
-    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    ctx = RunContext(config, workdir)
+    save_params(nnx.state(ctx.initial_model()), workdir / "pretrain" / "final")
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    return ctx
+
+
+def test_evaluate_cli_on_a_tiny_checkpoint(tmp_path, capsys):
+    ctx = tiny_run(tmp_path)
     bench = tmp_path / "mine.jsonl"
     bench.write_text("".join(json.dumps({"question": f"Compute {i} + 1", "answer": str(i + 1)}) + "\n"
                              for i in range(3)))
@@ -75,3 +81,18 @@ def test_evaluate_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     assert (tmp_path / "eval" / "mine.jsonl").exists()
     table = capsys.readouterr().out
     assert "| synthetic | 5 | 2 |" in table and (tmp_path / "eval" / "summary.md").read_text().count("|") > 10
+
+
+def test_evaluate_cli_checks_every_benchmarks_prompts_fit_before_sampling_any(tmp_path):
+    """A benchmark whose prompts leave no room for max_new_tokens under the model's positions is an error
+    naming it, raised before the first benchmark is sampled (its results were lost to the later error)."""
+    ctx = tiny_run(tmp_path)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"question": "Compute " + " + ".join(["1"] * 200), "answer": "200"}) + "\n")
+    with pytest.raises(ValueError, match=r"--benchmark .*long\.jsonl: its longest prompt \(\d+ tokens\) \+ "
+                                         r"max_new_tokens=6 exceeds the model's max_position_embeddings="):
+        evaluate.main(["--workdir", str(tmp_path), "--checkpoint", str(tmp_path / "pretrain" / "final"),
+                       "--benchmark", f"synthetic,{long}", "--k", "2", "--limit", "2",
+                       "--max_new_tokens", "6", "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
+    assert ctx.config.model.max_position_embeddings < 600  # the prompt above is longer
