@@ -364,3 +364,29 @@ def test_random_init_scales_each_matrix_by_its_matmul_fan_in():
     for name, n in fan_in.items():
         w = np.asarray(getattr(layer.attn if name in ("q", "k", "v", "o") else layer.mlp, name)[...])
         np.testing.assert_allclose(w.std(), 1 / np.sqrt(n), rtol=0.06, err_msg=name)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_recomputes_blocks_in_training_and_leaves_sampling_alone(remat):
+    """model.remat checkpoints each block for the backward pass (a remat in the gradient's program, same
+    gradient as without it) and does not stop the sampler: its decode loop runs the same model (it raised
+    TraceContextError inside the loop, so every real-size config failed at its first sampling)."""
+    from flax import nnx
+
+    from r1jax.sampling import SamplingConfig, sample_groups
+
+    plain = init_model(get_preset("tiny-qwen2"), seed=0)
+    rematted = init_model(get_preset("tiny-qwen2", remat=remat), seed=0)
+    tokens = jnp.asarray([[1, 5, 9, 2, 7, 3]])
+
+    def loss(model):
+        return jnp.sum(jax.nn.log_softmax(model(tokens).astype(jnp.float32))[..., 4])
+
+    grads = [jax.tree.leaves(nnx.grad(loss)(m)) for m in (plain, rematted)]
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    assert "remat" in str(jax.make_jaxpr(nnx.grad(loss))(rematted))
+    assert "remat" not in str(jax.make_jaxpr(nnx.grad(loss))(plain))
+    config = SamplingConfig(max_new_tokens=5, temperature=0.7)
+    out = [sample_groups(*nnx.split(m), [[1, 2, 3], [1, 4]], 2, jax.random.key(0), config) for m in (plain, rematted)]
+    np.testing.assert_array_equal(np.asarray(out[1].tokens), np.asarray(out[0].tokens))

@@ -256,6 +256,20 @@ def _run_block(block: Block, *args):
     return block(*args)
 
 
+def _remat_block(policy):
+    """`_run_block` with the block's activations recomputed in the backward pass (those `policy` does not
+    save). A pure `jax.checkpoint` over the block's state, not `nnx.remat`: nnx.remat writes the state
+    back into the module, which fails inside a `lax.while_loop` over a module from outside it (the
+    sampler's decode loop) and gains nothing, as a forward pass leaves the state as it was."""
+
+    def run(block: Block, *args):
+        graphdef, state = nnx.split(block)
+        return jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args), policy=policy,
+                              prevent_cse=True)(state, *args)
+
+    return run
+
+
 class Transformer(nnx.Module):
     """`model(tokens) -> logits`; `model.hidden_states(...)` for the sampler and chunked losses."""
 
@@ -292,9 +306,7 @@ class Transformer(nnx.Module):
             before = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]  # cached tokens
             positions = jnp.maximum(before + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
         x = embedding_lookup(self.embed[...], tokens, cfg.dtype)
-        run = _run_block
-        if cfg.remat != "none":
-            run = nnx.remat(_run_block, policy=_REMAT[cfg.remat], prevent_cse=True)
+        run = _run_block if cfg.remat == "none" else _remat_block(_REMAT[cfg.remat])
         if rope is None:
             rope = rope_tables(positions, rope_frequencies(cfg))
         cache_valid = index = None
