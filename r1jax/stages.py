@@ -265,9 +265,15 @@ def validate_config(c: ConfigDict, names: list[str], workdir: Path | None = None
 
     def model():
         if c.model.hf_path:
-            ctx.initial_model_config()
-        else:  # the tokenizer's vocabulary size is not known yet: check the rest with a stand-in
-            ctx.model_config(vocab_size=c.tokenizer.vocab_size)
+            return ctx.initial_model_config()
+        # the tokenizer's vocabulary size is not known yet: check the rest with a stand-in
+        return ctx.model_config(vocab_size=c.tokenizer.vocab_size)
+
+    def leaves_room(field: str, max_new: int) -> None:  # the prompts' lengths are known only once tokenized
+        positions = model().max_position_embeddings
+        if max_new >= positions:
+            raise ValueError(f"{field}={max_new} leaves no room for a prompt under the model's "
+                             f"max_position_embeddings={positions}")
 
     def checkpoint():
         for name in ("every", "keep"):
@@ -276,6 +282,7 @@ def validate_config(c: ConfigDict, names: list[str], workdir: Path | None = None
 
     def rl():
         rl_config(c, 0, 0)
+        leaves_room("sampling.max_new_tokens", c.sampling.max_new_tokens)
         rewards_of(c)
         if c.rl.reward_workers < 0 or not c.rl.reward_timeout > 0:
             raise ValueError(f"rl.reward_workers={c.rl.reward_workers} must be >= 0 and "
@@ -283,6 +290,7 @@ def validate_config(c: ConfigDict, names: list[str], workdir: Path | None = None
 
     def evaluation():
         eval_sampling(c, 0, 0)
+        leaves_room("eval.max_new_tokens", c.eval.max_new_tokens)
         if c.eval.k < 1 or c.eval.every < 0:
             raise ValueError(f"eval.k={c.eval.k} must be >= 1 and eval.every={c.eval.every} >= 0 (0 = never)")
 

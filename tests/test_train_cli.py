@@ -373,6 +373,9 @@ def test_cli_reports_a_bad_value_before_any_work(env, tmp_path):
     ({"rl.preset": "foo"}, "config.rl: preset='foo' must be one of"),
     ({"rl.epsilon_high": -1.0}, "config.rl: GRPOConfig.epsilon_high=-1.0 must be a finite number >= 0"),
     ({"rl.advantage_scale": "groups"}, "config.rl: GRPOConfig.advantage_scale='groups' must be one of"),
+    ({"sampling.max_new_tokens": 300}, "config.rl: sampling.max_new_tokens=300 leaves no room for a prompt under "
+                                       "the model's max_position_embeddings=128"),
+    ({"eval.max_new_tokens": 256}, "config.eval: eval.max_new_tokens=256 leaves no room"),
     ({"rl.old_logprobs": "policy"}, "config.rl: rl.old_logprobs='policy' must be 'trainer' or 'sampler'"),
     ({"rl.schedule": "linear"}, "config.rl: optim.schedule='linear'"),
     ({"rl.rewards": {"acuracy": 1.0}}, "config.rl: unknown reward 'acuracy'"),

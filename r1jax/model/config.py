@@ -125,9 +125,10 @@ _QWEN25 = dict(qkv_bias=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6, archite
 PRESETS: dict[str, ModelConfig] = {
     "qwen2.5-0.5b": ModelConfig(151936, 896, 24, 14, 2, 4864, tie_word_embeddings=True,
                                 max_position_embeddings=32768, **_QWEN25),
+    # As the base models' config.json: 0.5B allows 32,768 positions, 1.5B and 7B 131,072.
     "qwen2.5-1.5b": ModelConfig(151936, 1536, 28, 12, 2, 8960, tie_word_embeddings=True,
-                                max_position_embeddings=32768, **_QWEN25),
-    "qwen2.5-7b": ModelConfig(152064, 3584, 28, 28, 4, 18944, max_position_embeddings=32768, **_QWEN25),
+                                max_position_embeddings=131072, **_QWEN25),
+    "qwen2.5-7b": ModelConfig(152064, 3584, 28, 28, 4, 18944, max_position_embeddings=131072, **_QWEN25),
     "llama-3.1-8b": ModelConfig(128256, 4096, 32, 32, 8, 14336, rope_theta=500_000.0, rms_norm_eps=1e-5,
                                 rope_scaling=Llama3RopeScaling(), max_position_embeddings=131072,
                                 architecture="llama"),
