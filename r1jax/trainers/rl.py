@@ -57,7 +57,8 @@ class RLConfig:
     num_minibatches: optimizer steps per pass over the P·G completions (μ passes in all,
       μ = loss.num_iterations), each on whole groups (P / num_minibatches prompts, drawn at random).
       micro_batches: gradient accumulation inside one optimizer step.
-    ref_update_every: copy the policy into the reference every N steps (R1: 400; 0 = never).
+    ref_update_every: copy the policy into the reference every N steps (0 = never). R1's "every 400
+      steps" counts optimizer steps: 400 / (μ · num_minibatches) of these steps.
     dynamic_sampling: DAPO — drop groups whose rewards are all equal and sample more prompts (up to
       max_sampling_rounds batches) to refill; rows still missing are masked out, not faked.
     old_logprobs: where log π_old comes from. "trainer" (TRL's and verl's choice): the trainer's own

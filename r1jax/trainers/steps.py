@@ -144,13 +144,10 @@ def _reduce_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
             out[k] = jnp.max(v)
         elif k.endswith("_min"):
             out[k] = jnp.min(v)
-        elif k.endswith("_std"):
-            out[k] = jnp.mean(v)
+        elif k == "advantage_std":  # grpo_loss reports it with advantage_mean and num_sequences
+            out[k] = _pooled_std(v, stacked["advantage_mean"], stacked["num_sequences"])
         else:
             out[k] = jnp.sum(v)
-    if {"advantage_std", "advantage_mean", "num_sequences"} <= stacked.keys():
-        out["advantage_std"] = _pooled_std(stacked["advantage_std"], stacked["advantage_mean"],
-                                           stacked["num_sequences"])
     return out
 
 
