@@ -231,6 +231,12 @@ def test_a_failed_export_leaves_the_previous_export_as_it_was(tmp_path, monkeypa
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     x = jnp.asarray(tokens(1, 8))
     np.testing.assert_array_equal(np.asarray(load_hf(out)(x)), np.asarray(old(x)))
+    killed = out / ".save_hf-killed"  # what an export killed mid-write leaves (no `finally` ran)
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"partial")
+    save_hf(new, out)
+    assert not killed.exists() and not list(out.glob(".save_hf-*"))
+    np.testing.assert_array_equal(np.asarray(load_hf(out)(x)), np.asarray(new(x)))
 
 
 def test_extra_config_that_contradicts_the_weights_is_refused_by_name(tmp_path):

@@ -4,7 +4,8 @@ Loading reads each tensor once per host (safetensors, memory-mapped), converts i
 einsum-friendly layout and builds the global array with `jax.make_array_from_callback`, so each
 device receives only its shard. Saving writes `config.json`, safetensors shards and (when there
 is more than one shard) `model.safetensors.index.json`, which `transformers` loads as is; the new
-files are written aside and moved in together, so a failed export never destroys an earlier one.
+files are written aside and moved in only once all are complete, so an export that fails while writing
+leaves an earlier one as it was (the moves themselves are renames, one file at a time).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ GENERATION_FILE = "generation_config.json"
 # Fields of `to_hf_config` that extra_config may change: a length limit, and the dtype (which `save_hf` sets from
 # the weights it writes). The others describe the weights, so a different value would misdescribe them.
 _FREE_FIELDS = frozenset({"max_position_embeddings", "torch_dtype"})
+_STAGING_PREFIX = ".save_hf-"  # the folder inside the export where `save_hf` writes before moving files in
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the names `save_hf` (and transformers) write
 
 Convert = Callable[[np.ndarray], np.ndarray]
@@ -210,8 +212,9 @@ def save_hf(
         written = from_hf_config(hf, max_position_embeddings=own["max_position_embeddings"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"extra_config makes config.json describe another model than the weights: {e}") from e
+    weights = from_hf_config(own)
     differ = {f.name: getattr(written, f.name) for f in dataclasses.fields(written)
-              if getattr(written, f.name) != getattr(from_hf_config(own), f.name)}
+              if getattr(written, f.name) != getattr(weights, f.name)}
     if differ:
         raise ValueError(f"extra_config makes config.json describe another model than the weights: {differ}")
     # On every process and before the weights are gathered: a value JSON cannot write fails here, not halfway.
@@ -242,7 +245,9 @@ def save_hf(
     folder.mkdir(parents=True, exist_ok=True)
     ours = {f for f in folder.glob("model*.safetensors") if _WEIGHT_FILE.fullmatch(f.name)}
     ours |= {folder / INDEX_FILE, folder / GENERATION_FILE}
-    staging = Path(tempfile.mkdtemp(prefix=".save_hf-", dir=folder))  # same filesystem: os.replace is a rename
+    for left in folder.glob(f"{_STAGING_PREFIX}*"):  # an export killed before it could clean up
+        shutil.rmtree(left, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=folder))  # same filesystem: os.replace renames
     try:
         for fname, shard in weight_files.items():
             save_file(shard, staging / fname, metadata={"format": "pt"})
