@@ -11,8 +11,11 @@ A stage whose manifest says "done" is skipped on a rerun; a "running" one resume
 checkpoint. A stage builds on another through `<stage>/final` in this workdir (never the absolute path a
 manifest recorded, so a copied or moved workdir uses its own files), checked against the parameter hash
 that stage recorded (`RunContext.stage_model`); the other stage may have finished in an earlier invocation
-(`--config.stages=rejection_sft,rl_all` after one that ran the first stages). The run's resources
-(mesh, tokenizer, datasets, the initial model) are built once by `RunContext` and shared by every stage.
+(`--config.stages=rejection_sft,rl_all` after one that ran the first stages). Such an invocation's first
+stage must name what it builds on: its default init, "previous" (the stage before it in config.stages),
+names none, and is refused where the workdir holds finished stages rather than read as the initial model.
+The run's resources (mesh, tokenizer, datasets, the initial model) are built once by `RunContext` and
+shared by every stage.
 """
 
 from __future__ import annotations
@@ -93,9 +96,25 @@ def finished_stage(workdir: Path, name: str) -> StageManifest | None:
 
 
 def finished_stages(workdir: Path) -> dict[str, StageManifest]:
-    """{name: manifest} of every stage finished in `workdir`, by this invocation or an earlier one."""
-    found = {path.parent.name: finished_stage(workdir, path.parent.name) for path in workdir.glob(f"*/{MANIFEST}")}
-    return {name: found[name] for name in sorted(found) if found[name] is not None}
+    """{name: manifest} of every stage finished in `workdir`, by this invocation or an earlier one, in the
+    order they finished (the order the pipeline ran them)."""
+    found = [m for path in workdir.glob(f"*/{MANIFEST}") if (m := finished_stage(workdir, path.parent.name))]
+    return {m.name: m for m in sorted(found, key=lambda m: (m.finished or 0.0, m.name))}
+
+
+def previous_names_none(config: ConfigDict, name: str, field: str, finished: list[str], workdir: Path) -> str:
+    """Why `<name>.<field>="previous"` (the stage before `name` in config.stages) cannot stand when `name` is
+    the first of config.stages and `workdir` holds `finished`, stages an earlier invocation finished (taken as
+    "none", it would quietly ignore them), and what to write instead."""
+    last, rest = finished[-1], ",".join(stage_names(config))
+    section = config.get(name)
+    settable = isinstance(section, ConfigDict) and field in section
+    initial = ", or 'initial' for the run's initial model" if field == "init" else ""
+    listed = f"--config.stages={last},{rest} (a finished stage is skipped)"
+    choose = (f"say which: --config.{name}.{field}={last} (or another of them{initial}), or list it first: {listed}"
+              if settable else f"list the one to build on first (config.{name} has no {field} field): {listed}")
+    return (f"config.{name}.{field}='previous' (the stage before it in config.stages={config.stages!r}) names none: "
+            f"{name} is the first, and {workdir} holds stages an earlier invocation finished, {finished}; {choose}")
 
 
 def _json_value(x):
@@ -276,7 +295,8 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
 
     `validate(config, stage_names, workdir)` runs first, so a bad value fails before the tokenizer, the
     data or the model is built (`r1jax.stages.validate_config`). A stage may build on stages an earlier
-    invocation finished in `workdir` (`init`, `sample_from`, `budget_from`).
+    invocation finished in `workdir` (`init`, `sample_from`, `budget_from`); the first stage must then say
+    which (`_check_first_stage_start`).
     """
     workdir = Path(workdir)
     names = stage_names(config)
@@ -289,6 +309,7 @@ def run_pipeline(config: ConfigDict, workdir: str | Path, stages: dict[str, Stag
     if (workdir / "config.json").exists() and any(workdir.glob(f"*/{MANIFEST}")):
         _check_same_run(json.loads((workdir / "config.json").read_text()), json.loads(config.to_json_best_effort()),
                         workdir)
+    _check_first_stage_start(config, names[0], workdir)
     ctx = RunContext(config, workdir)
     if jax.process_index() == 0:  # what `python -m r1jax.evaluate --workdir` rebuilds the run from
         workdir.mkdir(parents=True, exist_ok=True)
@@ -354,6 +375,16 @@ def _check_same_run(before: dict[str, Any], now: dict[str, Any], workdir: Path) 
                           f"or the settings in {workdir / 'config.json'}")
 
 
+def _check_first_stage_start(config: ConfigDict, name: str, workdir: Path) -> None:
+    """ConfigError if stage `name`, the first of config.stages, would start or resume with init="previous"
+    (so from the initial model) in a workdir where other stages finished: a later invocation
+    (`--config.stages=rl_all` after the first four stages) must say which it builds on. A fresh workdir, or a
+    first stage done already (a rerun of the same list), passes."""
+    finished = finished_stages(workdir)
+    if _init_setting(config, name) == "previous" and name not in finished and finished:
+        raise ConfigError(previous_names_none(config, name, "init", list(finished), workdir))
+
+
 def _init_source(config: ConfigDict, name: str, done: dict[str, StageManifest], previous: StageManifest | None,
                  workdir: Path) -> tuple[str, StageManifest | None]:
     """Where stage `name` starts (`config.<name>.init`): "previous" (default: the stage before it in
@@ -361,8 +392,7 @@ def _init_source(config: ConfigDict, name: str, done: dict[str, StageManifest], 
     has one, else the initial model, as R1's rejection-sampling SFT retrains the base) or an earlier
     stage's name. `done`: this invocation's finished stages; a stage an earlier invocation finished in
     `workdir` counts too. None: initial."""
-    section = config.get(name)
-    source = section.get("init", "previous") if isinstance(section, ConfigDict) else "previous"
+    source = _init_setting(config, name)
     if source in ("previous", "initial"):
         return source, previous if source == "previous" else None
     stage = "pretrain" if source == "base" else source
@@ -372,6 +402,12 @@ def _init_source(config: ConfigDict, name: str, done: dict[str, StageManifest], 
                          f"config.stages={config.stages!r} nor finished in {workdir}; accepted: 'previous', "
                          "'initial', 'base' or an earlier stage's name")
     return source, manifest
+
+
+def _init_setting(config: ConfigDict, name: str) -> str:
+    """`config.<name>.init`; "previous" where the stage has no section or its section no such field."""
+    section = config.get(name)
+    return section.get("init", "previous") if isinstance(section, ConfigDict) else "previous"
 
 
 def _stage_config(config: ConfigDict, name: str) -> dict[str, Any]:

@@ -452,6 +452,53 @@ def test_a_later_invocation_builds_on_the_stages_an_earlier_one_finished(tmp_pat
     assert sorted(p.name for p in fresh.iterdir()) == ["reasoning_rl"]
 
 
+def test_the_first_stage_of_a_later_invocation_says_which_finished_stage_it_builds_on(tmp_path):
+    """`--config.stages=rl_all` after a run of the first four stages: rl_all's init="previous" (the stage before
+    it in config.stages) names none, and it started silently from a random model. Refused before any work,
+    naming the field and the stages it could build on; named (init=...) or listed first (a finished stage is
+    skipped), it starts from that stage. A fresh workdir, and a rerun of a killed run with the same list, go
+    on as before; a stage that would resume as the first of another list is refused too."""
+    import shutil
+
+    from r1jax.pipeline import ConfigError, StageManifest, run_pipeline
+    from r1jax.stages import validate_config
+
+    workdir, copy = tmp_path / "w", tmp_path / "copy"
+    run_pipeline(tiny_r1_config(stages="pretrain,cold_start,reasoning_rl,rejection_sft"), workdir, STAND_INS,
+                 validate=validate_config)
+    shutil.copytree(workdir, copy)
+    recorded = (workdir / "config.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"config.rl_all.init='previous' .*\['pretrain', 'cold_start', "
+                                          r"'reasoning_rl', 'rejection_sft'\].*--config.rl_all.init=rejection_sft.*"
+                                          r"--config.stages=rejection_sft,rl_all"):
+        run_pipeline(tiny_r1_config(stages="rl_all"), workdir, STAND_INS, validate=validate_config)
+    assert not (workdir / "rl_all").exists() and (workdir / "config.json").read_bytes() == recorded
+    sft = StageManifest.read(workdir / "rejection_sft")
+    named = run_pipeline(tiny_r1_config(stages="rl_all", **{"rl_all.init": "rejection_sft"}), workdir, STAND_INS,
+                         validate=validate_config)["rl_all"]
+    listed_config = tiny_r1_config(stages="rejection_sft,rl_all", **{"rejection_sft.sample_from": "reasoning_rl"})
+    listed = run_pipeline(listed_config, copy, STAND_INS, validate=validate_config)["rl_all"]
+    assert named.init_param_hash == listed.init_param_hash == sft.param_hash
+    assert named.init_checkpoint == str((workdir / "rejection_sft" / "final").absolute())
+
+    fresh = run_pipeline(tiny_r1_config(stages="cold_start"), tmp_path / "fresh", STAND_INS)["cold_start"]
+    assert (fresh.init_source, fresh.init_checkpoint) == ("previous", "random-init")
+
+    class Killed(Exception):
+        pass
+
+    def killed(ctx, model, stage_dir):
+        raise Killed
+
+    killed_run, stages = tmp_path / "killed", "pretrain,cold_start"
+    with pytest.raises(Killed):
+        run_pipeline(tiny_r1_config(stages=stages), killed_run, {**STAND_INS, "cold_start": killed})
+    with pytest.raises(ConfigError, match=r"config.cold_start.init='previous' .*\['pretrain'\]"):
+        run_pipeline(tiny_r1_config(stages="cold_start"), killed_run, STAND_INS)  # it would resume, from nothing
+    resumed = run_pipeline(tiny_r1_config(stages=stages), killed_run, STAND_INS)["cold_start"]
+    assert resumed.init_param_hash == StageManifest.read(killed_run / "pretrain").param_hash
+
+
 def test_student_rl_may_take_its_budget_and_base_from_stages_finished_earlier(tmp_path):
     from configs import distill
     from r1jax.pipeline import ConfigError, StageManifest

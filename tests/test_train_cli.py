@@ -578,6 +578,29 @@ def test_a_copied_workdir_chains_its_own_stages_and_checks_their_hashes(tmp_path
         run_pipeline(override_config(), copy, stages)
 
 
+def test_an_rl_stage_run_alone_after_pretraining_is_told_to_list_the_pretrain_stage(tmp_path):
+    """`--config.stages=rl` in a workdir whose pretrain stage finished started RL from a random model.
+    r1zero's `rl` section has no `init` field to set: the refusal says to list pretrain first (it is
+    skipped, and rl builds on it)."""
+    import jax
+    from flax import nnx
+
+    from r1jax.pipeline import ConfigError, run_pipeline
+
+    def bump(ctx, model, stage_dir):  # a stand-in stage that changes every parameter
+        graphdef, state = nnx.split(model)
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x + 1, state)), {}
+
+    stages = {"pretrain": bump, "rl": bump}
+    pretrain = run_pipeline(override_config(stages="pretrain"), tmp_path, stages)["pretrain"]
+    with pytest.raises(ConfigError, match=r"config.rl.init='previous' .*\['pretrain'\]; list the one to build "
+                                          r"on first \(config.rl has no init field\): --config.stages=pretrain,rl"
+                       ) as refused:
+        run_pipeline(override_config(stages="rl"), tmp_path, stages)
+    assert "--config.rl.init=" not in str(refused.value) and not (tmp_path / "rl").exists()
+    assert run_pipeline(override_config(), tmp_path, stages)["rl"].init_param_hash == pretrain.param_hash
+
+
 def test_a_preset_chosen_in_the_config_keeps_its_clip_and_kl_unless_the_config_sets_them():
     from configs.r1zero import get_config
     from r1jax.grpo import PRESETS, GRPOConfig
