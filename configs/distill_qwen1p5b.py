@@ -65,7 +65,8 @@ def get_config() -> ConfigDict:
         template="r1_zero", rewards=ConfigDict({"accuracy": 1.0, "format": 1.0}),
         prompts_per_step=512, group_size=16, beta=0.001, epsilon_low=10.0, epsilon_high=10.0,  # [R1] / ε [ours]
         num_minibatches=16, ref_update_every=25, learning_rate=3e-6, warmup_steps=0,  # [R1]
-        micro_batches=64,  # [ours] 8 completions per micro-batch
+        micro_batches=64,  # [ours] 8 completions per micro-batch: one per device on up to 8 data × fsdp devices;
+        # on a larger slice use 512 / (data × fsdp), else the rows do not split and every device runs all 8
         max_new_tokens=MAX_LENGTH, temperature=1.0, reward_workers=16, steps=100_000,
     ))
     c.eval = ConfigDict(teacher.eval.to_dict())

@@ -87,7 +87,8 @@ def get_config() -> ConfigDict:
         # 32 questions (R1's training step, batch 512), one inner epoch; the reference every 400 of them
         prompts_per_step=512, group_size=16, num_minibatches=16, num_iterations=1, ref_update_every=25,
         preset="grpo", beta=0.001, epsilon_low=10.0, epsilon_high=10.0, kl_estimator="k3",  # [R1]
-        micro_batches=64,  # [ours] 8 completions per micro-batch
+        micro_batches=64,  # [ours] 8 completions per micro-batch: one per device on up to 8 data × fsdp devices;
+        # on a larger slice use 512 / (data × fsdp), else the rows do not split and every device runs all 8
         learning_rate=3e-6, warmup_steps=0, schedule="constant", weight_decay=0.0, max_grad_norm=1.0,  # [R1] lr
         max_new_tokens=MAX_LENGTH, top_p=1.0, reward_workers=16,
     )

@@ -61,7 +61,8 @@ def get_config() -> ConfigDict:
         prompts_per_step=512, group_size=16, num_minibatches=16, num_iterations=1,  # [R1] 8,192 per rollout
         beta=0.001, epsilon_low=10.0, epsilon_high=10.0, kl_estimator="k3",  # [R1] β; ε [ours]: R1's reasoning-RL value
         ref_update_every=25,  # [R1] every 400 training steps
-        micro_batches=64,  # [ours] 8 completions per micro-batch
+        micro_batches=64,  # [ours] 8 completions per micro-batch: one per device on up to 8 data × fsdp devices;
+        # on a larger slice use 512 / (data × fsdp), else the rows do not split and every device runs all 8
         learning_rate=3e-6, warmup_steps=0, schedule="constant",  # [R1]
         reward_workers=16,
     ))
