@@ -107,7 +107,10 @@ def get_config() -> ConfigDict:
     )
     c.rejection_sft = sft_section(
         init="base",  # R1 retrains the base model on the rejection-sampled data; "previous" continues
-        sample_from="previous",  # the model that samples: the stage before (reasoning_rl) or a stage name
+        # The model that samples: "previous", the stage before it in config.stages (reasoning_rl), or a stage's
+        # name. Run first in a later invocation (--config.stages=rejection_sft,rl_all), "previous" names none and
+        # is refused: set sample_from=reasoning_rl, or list reasoning_rl first (finished, it is skipped).
+        sample_from="previous",
         prompts=1024, samples_per_prompt=4, per_prompt=2, max_new_tokens=48, temperature=1.0,
         filters=filters(), general_fraction=0.25,
         min_examples=0, top_up_with_traces=False,  # tiny test runs only: worked traces if too few samples pass

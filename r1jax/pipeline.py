@@ -113,7 +113,7 @@ def previous_names_none(config: ConfigDict, name: str, field: str, finished: lis
     listed = f"--config.stages={last},{rest} (a finished stage is skipped)"
     choose = (f"say which: --config.{name}.{field}={last} (or another of them{initial}), or list it first: {listed}"
               if settable else f"list the one to build on first (config.{name} has no {field} field): {listed}")
-    return (f"config.{name}.{field}='previous' (the stage before it in config.stages={config.stages!r}) names none: "
+    return (f"{name}.{field}='previous' (the stage before it in config.stages={config.stages!r}) names none: "
             f"{name} is the first, and {workdir} holds stages an earlier invocation finished, {finished}; {choose}")
 
 
@@ -382,7 +382,7 @@ def _check_first_stage_start(config: ConfigDict, name: str, workdir: Path) -> No
     first stage done already (a rerun of the same list), passes."""
     finished = finished_stages(workdir)
     if _init_setting(config, name) == "previous" and name not in finished and finished:
-        raise ConfigError(previous_names_none(config, name, "init", list(finished), workdir))
+        raise ConfigError("config." + previous_names_none(config, name, "init", list(finished), workdir))
 
 
 def _init_source(config: ConfigDict, name: str, done: dict[str, StageManifest], previous: StageManifest | None,

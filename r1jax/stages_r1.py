@@ -44,7 +44,7 @@ from r1jax.data.synthetic import solution_trace, summary_text
 from r1jax.data.templates import DEFAULT_SPECIAL_TOKEN, format_cold_start, format_prompt, parse_r1_zero
 from r1jax.evaluate import evaluate_completions, grader_from_reward, sample_completions, summarize
 from r1jax.metrics import plot_curves
-from r1jax.pipeline import RunContext, StageManifest, finished_stage, stage_names
+from r1jax.pipeline import RunContext, StageManifest, finished_stage, previous_names_none, stage_names
 from r1jax.rewards import RewardPool, combine, get_reward
 from r1jax.rewards.format import follows_r1_format, follows_r1_zero_format
 from r1jax.rewards.math import voting_answer
@@ -579,7 +579,12 @@ def check_sft_stage(ctx: RunContext, name: str, order: StageOrder) -> None:
     check_sampling_section(ctx, name)
     if "sample_from" in ctx.config[name]:
         source, first = ctx.config[name].sample_from, order.names.index(name) == 0
-        if source not in order.before(name) and (source != "previous" or first):
+        # "previous" is the stage before it in config.stages, as for `init`: the first stage's names none, and
+        # where stages finished in the workdir it must say which (one that finished already samples no more).
+        unnamed = source == "previous" and first and name not in order.finished
+        if unnamed and order.finished:
+            raise ValueError(previous_names_none(ctx.config, name, "sample_from", list(order.finished), ctx.workdir))
+        if unnamed or source not in ("previous", *order.before(name)):
             raise ValueError(f"{name}.sample_from={source!r}; accepted: 'previous' or a stage before it or finished "
                              f"in the workdir: {order.before(name)}"
                              + (f" ('previous' names none: {name} is the first of config.stages)" if first else ""))

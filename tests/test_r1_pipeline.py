@@ -476,8 +476,8 @@ def test_the_first_stage_of_a_later_invocation_says_which_finished_stage_it_buil
     sft = StageManifest.read(workdir / "rejection_sft")
     named = run_pipeline(tiny_r1_config(stages="rl_all", **{"rl_all.init": "rejection_sft"}), workdir, STAND_INS,
                          validate=validate_config)["rl_all"]
-    listed_config = tiny_r1_config(stages="rejection_sft,rl_all", **{"rejection_sft.sample_from": "reasoning_rl"})
-    listed = run_pipeline(listed_config, copy, STAND_INS, validate=validate_config)["rl_all"]
+    listed = run_pipeline(tiny_r1_config(stages="rejection_sft,rl_all"), copy, STAND_INS,
+                          validate=validate_config)["rl_all"]
     assert named.init_param_hash == listed.init_param_hash == sft.param_hash
     assert named.init_checkpoint == str((workdir / "rejection_sft" / "final").absolute())
 
@@ -497,6 +497,30 @@ def test_the_first_stage_of_a_later_invocation_says_which_finished_stage_it_buil
         run_pipeline(tiny_r1_config(stages="cold_start"), killed_run, STAND_INS)  # it would resume, from nothing
     resumed = run_pipeline(tiny_r1_config(stages=stages), killed_run, STAND_INS)["cold_start"]
     assert resumed.init_param_hash == StageManifest.read(killed_run / "pretrain").param_hash
+
+
+def test_rejection_sampling_first_in_a_later_invocation_names_the_stage_it_samples_from(tmp_path):
+    """`--config.stages=rejection_sft,rl_all` after a run of the first stages: sample_from="previous" (the
+    stage before it in config.stages) names none, as init="previous" does; the refusal names the field and
+    the finished stages and says what to write. Listed first, the stage to sample from is skipped and named
+    by "previous"; a rejection_sft that finished samples no more, and a rerun of its list passes."""
+    from r1jax.pipeline import ConfigError, StageManifest
+    from r1jax.stages import validate_config
+
+    for t, stage in enumerate(("pretrain", "cold_start", "reasoning_rl"), 1):
+        StageManifest(stage, status="done", finished=float(t)).write(tmp_path / stage)
+    later = tiny_r1_config(stages="rejection_sft,rl_all")
+    with pytest.raises(ConfigError, match=r"config.rejection_sft: rejection_sft.sample_from='previous' .*"
+                                          r"\['pretrain', 'cold_start', 'reasoning_rl'\]; say which: "
+                                          r"--config.rejection_sft.sample_from=reasoning_rl .*"
+                                          r"--config.stages=reasoning_rl,rejection_sft,rl_all"):
+        validate_config(later, ["rejection_sft", "rl_all"], tmp_path)
+    validate_config(later, ["reasoning_rl", "rejection_sft", "rl_all"], tmp_path)
+    StageManifest("rejection_sft", status="done", finished=4.0).write(tmp_path / "rejection_sft")
+    validate_config(later, ["rejection_sft", "rl_all"], tmp_path)
+    with pytest.raises(ConfigError, match=r"rejection_sft.sample_from='previous'; accepted: 'previous' or a stage "
+                                          r"before it .*: \[\] \('previous' names none"):
+        validate_config(later, ["rejection_sft", "rl_all"], tmp_path / "fresh")  # nothing to sample from
 
 
 def test_student_rl_may_take_its_budget_and_base_from_stages_finished_earlier(tmp_path):
