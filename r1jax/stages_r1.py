@@ -44,7 +44,14 @@ from r1jax.data.synthetic import solution_trace, summary_text
 from r1jax.data.templates import DEFAULT_SPECIAL_TOKEN, format_cold_start, format_prompt, parse_r1_zero
 from r1jax.evaluate import evaluate_completions, grader_from_reward, sample_completions, summarize
 from r1jax.metrics import plot_curves
-from r1jax.pipeline import RunContext, StageManifest, finished_stage, previous_names_none, stage_names
+from r1jax.pipeline import (
+    RunContext,
+    StageManifest,
+    finished_stage,
+    finished_stages,
+    previous_names_none,
+    stage_names,
+)
 from r1jax.rewards import RewardPool, combine, get_reward
 from r1jax.rewards.format import follows_r1_format, follows_r1_zero_format
 from r1jax.rewards.math import voting_answer
@@ -327,8 +334,10 @@ REPORT_COLUMNS = (("eval/pass1", "held-out pass@1"), ("eval/format", "format"),
 
 
 def write_pipeline_report(ctx: RunContext, current: dict[str, dict[str, Any]]) -> Path:
-    """`<workdir>/report.md`: one row per stage that has metrics (finished, or `current`)."""
-    names = stage_names(ctx.config)
+    """`<workdir>/report.md`: one row per stage that has metrics (finished, or `current`): the stages finished
+    in the workdir, by this invocation or an earlier one, in the order they ran, then this invocation's."""
+    finished = finished_stages(ctx.workdir)
+    names = [*finished, *(name for name in stage_names(ctx.config) if name not in finished)]
     lines = [f"# {ctx.config.get('name', 'run')} pipeline report", "",
              "| stage | starts from | " + " | ".join(label for _, label in REPORT_COLUMNS) + " |",
              "|---|---|" + "---|" * len(REPORT_COLUMNS)]

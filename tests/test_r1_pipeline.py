@@ -523,6 +523,28 @@ def test_rejection_sampling_first_in_a_later_invocation_names_the_stage_it_sampl
         validate_config(later, ["rejection_sft", "rl_all"], tmp_path / "fresh")  # nothing to sample from
 
 
+def test_the_report_lists_the_stages_earlier_invocations_finished_then_this_ones(tmp_path):
+    """report.md after `--config.stages=rejection_sft,rl_all` in a workdir where the first stages finished:
+    those stages in the order they ran, then this invocation's (it listed this invocation's only)."""
+    from r1jax.pipeline import RunContext, StageManifest
+    from r1jax.stages_r1 import write_pipeline_report
+
+    for t, stage in enumerate(("pretrain", "cold_start", "reasoning_rl"), 1):
+        StageManifest(stage, status="done", finished=float(t), metrics={"eval/pass1": t / 10}).write(tmp_path / stage)
+    ctx = RunContext(tiny_r1_config(stages="rejection_sft,rl_all"), tmp_path)
+
+    def rows(current):
+        lines = write_pipeline_report(ctx, current).read_text().splitlines()[4:]
+        return [(line.split("|")[1].strip(), line.split("|")[3].strip()) for line in lines]
+
+    assert rows({"rejection_sft": {"eval/pass1": 0.4}}) == [
+        ("pretrain", "0.100"), ("cold_start", "0.200"), ("reasoning_rl", "0.300"), ("rejection_sft", "0.400")]
+    StageManifest("rejection_sft", status="done", finished=4.0, metrics={"eval/pass1": 0.4}).write(
+        tmp_path / "rejection_sft")
+    assert [name for name, _ in rows({"rl_all": {"eval/pass1": 0.5}})] == [
+        "pretrain", "cold_start", "reasoning_rl", "rejection_sft", "rl_all"]
+
+
 def test_student_rl_may_take_its_budget_and_base_from_stages_finished_earlier(tmp_path):
     from configs import distill
     from r1jax.pipeline import ConfigError, StageManifest
