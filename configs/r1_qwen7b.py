@@ -54,6 +54,17 @@ def _r1():
 MAX_LENGTH = 32_768  # [R1] generation length for RL and evaluation
 
 
+def hf_model() -> ConfigDict:
+    """The model section of a run on Qwen2.5-7B's HF checkpoint (also `configs/r1zero_qwen7b.py`'s)."""
+    return ConfigDict(dict(
+        hf_path="/ckpt/Qwen2.5-7B",  # required: a local HF folder (config.json + *.safetensors + tokenizer)
+        preset="", vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0, intermediate_size=0,
+        max_position_embeddings=0, rope_theta=0.0, tie_word_embeddings=False,
+        dtype="bfloat16", param_dtype="float32", remat="dots",
+        attention_block=256,  # longer query runs attend block by block (memory O(block²) per head)
+    ))
+
+
 def get_config() -> ConfigDict:
     r1 = _r1()
     c = r1.get_config()
@@ -61,13 +72,7 @@ def get_config() -> ConfigDict:
     c.stages = "cold_start,reasoning_rl,rejection_sft,rl_all"
     del c["pretrain"]
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.model = ConfigDict(dict(
-        hf_path="/ckpt/Qwen2.5-7B",  # required: a local HF folder (config.json + *.safetensors + tokenizer)
-        preset="", vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0, intermediate_size=0,
-        max_position_embeddings=0, rope_theta=0.0, tie_word_embeddings=False,
-        dtype="bfloat16", param_dtype="float32", remat="dots",
-        attention_block=256,  # longer query runs attend block by block (memory O(block²) per head)
-    ))
+    c.model = hf_model()
     c.tokenizer = ConfigDict(dict(path="", vocab_size=0))  # the HF folder's tokenizer
     c.data.update(dict(train="/data/math_train.jsonl", eval="math500", data_dir="/data", train_size=0, eval_size=0,
                        template="r1_zero", r1_template="r1", max_prompt_length=1024))

@@ -34,25 +34,20 @@ from ml_collections import ConfigDict
 MAX_LENGTH = 32_768  # [R1] generation length for RL and evaluation
 
 
-def _r1zero():
-    spec = importlib.util.spec_from_file_location("r1jax_configs_r1zero", Path(__file__).with_name("r1zero.py"))
+def _sibling(name: str):
+    """configs/NAME.py as a module, whether configs is importable or only a folder beside this file."""
+    spec = importlib.util.spec_from_file_location(f"r1jax_configs_{name}", Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def get_config() -> ConfigDict:
-    c = _r1zero().get_config()
+    c = _sibling("r1zero").get_config()
     c.name = "r1zero_qwen7b"
     c.stages = "rl"
     del c["pretrain"]
-    c.model = ConfigDict(dict(
-        hf_path="/ckpt/Qwen2.5-7B",  # required: a local HF folder (config.json + *.safetensors + tokenizer)
-        preset="", vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0, intermediate_size=0,
-        max_position_embeddings=0, rope_theta=0.0, tie_word_embeddings=False,
-        dtype="bfloat16", param_dtype="float32", remat="dots",
-        attention_block=256,  # longer query runs attend block by block (memory O(block²) per head)
-    ))
+    c.model = _sibling("r1_qwen7b").hf_model()
     c.tokenizer = ConfigDict(dict(path="", vocab_size=0))  # the HF folder's tokenizer
     c.data.update(dict(train="/data/math_train.jsonl", eval="math500", data_dir="/data", train_size=0, eval_size=0,
                        template="r1_zero", max_prompt_length=1024))
