@@ -36,7 +36,7 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"
 # Fields of `to_hf_config` that extra_config may change: a length limit, and the dtype (which `save_hf` sets from
 # the weights it writes). The others describe the weights, so a different value would misdescribe them.
-_FREE_FIELDS = frozenset({"max_position_embeddings", "torch_dtype"})
+_UNCHECKED_FIELDS = frozenset({"max_position_embeddings", "torch_dtype"})
 _STAGING_PREFIX = ".save_hf-"  # the folder inside the export where `save_hf` writes before moving files in
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the names `save_hf` (and transformers) write
 
@@ -200,7 +200,7 @@ def save_hf(
     extra = dict(extra_config or {})
     own = to_hf_config(cfg)
     for key, value in extra.items():
-        if key in own and key not in _FREE_FIELDS and value != own[key]:
+        if key in own and key not in _UNCHECKED_FIELDS and value != own[key]:
             raise ValueError(
                 f"extra_config[{key!r}]={value!r}, but the model's weights have {key}={own[key]!r}: config.json "
                 "would describe other weights than those written; leave it out or change the model")

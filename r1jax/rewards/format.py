@@ -11,13 +11,16 @@ Many setups prefill `<think>` in the prompt. Then the completion must contain no
 start directly with the reasoning. `think_prefilled=None` (default) decides per sample: prefilled
 iff the prompt, stripped of trailing whitespace, ends with `<think>`.
 
-Pure string scanning, linear in the completion length: no regular expression that can backtrack.
+Pure string scanning (`r1jax.data.templates.parse_r1_zero`), linear in the completion length: no
+regular expression that can backtrack.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from r1jax.data.templates import parse_r1_zero
 
 R1_SPECIAL_TOKEN = "|special_token|"
 
@@ -32,29 +35,8 @@ def follows_r1_zero_format(completion: str, think_prefilled: bool = False) -> bo
     """Whether `completion` is `<think> … </think> <answer> … </answer>` (see module docstring)."""
     if not isinstance(completion, str):
         return False
-    counts = {tag: completion.count(tag) for tag in ("<think>", "</think>", "<answer>", "</answer>")}
-    if counts["<think>"] != (0 if think_prefilled else 1):
-        return False
-    if counts["</think>"] != 1 or counts["<answer>"] != 1 or counts["</answer>"] != 1:
-        return False
-    if think_prefilled:
-        think_end = completion.index("</think>")
-    else:
-        think_start = completion.index("<think>")
-        if completion[:think_start].strip():
-            return False
-        think_end = completion.index("</think>")
-        if think_end < think_start:
-            return False
-    answer_start = completion.index("<answer>")
-    answer_end = completion.index("</answer>")
-    if not think_end < answer_start < answer_end:
-        return False
-    if completion[think_end + len("</think>") : answer_start].strip():
-        return False
-    if completion[answer_end + len("</answer>") :].strip():
-        return False
-    return bool(completion[answer_start + len("<answer>") : answer_end].strip())
+    parsed = parse_r1_zero(("<think>" if think_prefilled else "") + completion)
+    return parsed is not None and bool(parsed[1])
 
 
 def format_reward(
