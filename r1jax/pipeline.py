@@ -171,6 +171,22 @@ def restore_params(path: Path, abstract: nnx.State) -> nnx.State:
         return ckptr.restore(path.absolute(), abstract)
 
 
+def _key_path_name(path) -> str:
+    """"layers.0.attn.k.value" for a parameter's key path in an nnx State and in Orbax's metadata alike."""
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def as_saved(path: Path, abstract: nnx.State) -> nnx.State:
+    """`abstract` with each parameter at the dtype the checkpoint at `path` holds it in (Orbax's metadata): a
+    restore to it reads the parameters as they were saved, where a restore to `abstract` casts them."""
+    with ocp.StandardCheckpointer() as ckptr:
+        metadata = ckptr.metadata(path.absolute()).item_metadata
+    saved = {_key_path_name(p): m.dtype for p, m in jax.tree_util.tree_leaves_with_path(metadata)}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: jax.ShapeDtypeStruct(a.shape, saved.get(_key_path_name(p), a.dtype), sharding=a.sharding),
+        abstract)
+
+
 # ------------------------------------------------------------------------------------ run context
 
 
@@ -263,18 +279,31 @@ class RunContext:
 
     def stage_model(self, manifest: StageManifest) -> tuple[nnx.Module, str]:
         """(model, parameter hash) of a finished stage's final parameters in this workdir, checked against the
-        hash the stage recorded. Read from `final_dir`, not from the absolute path its manifest recorded,
-        which a copied or moved workdir does not hold. Several processes: all must call it."""
+        hash the stage recorded, whatever dtype this run holds them in. Read from `final_dir`, not from the
+        absolute path its manifest recorded, which a copied or moved workdir does not hold. Several
+        processes: all must call it."""
         final = self.final_dir(manifest.name)
         if not final.is_dir():
             raise ConfigError(f"{final}: stage {manifest.name} finished ({final.parent / MANIFEST}) but its final "
                               "parameters are gone; rerun that stage (move its folder aside) or restore them")
-        model = self.model_from(final)
-        digest = param_hash(nnx.state(model))
+        # The recorded hash is of the parameters as the stage saved them: read them so, check them, then cast them
+        # to this run's param_dtype (a distillation teacher read at bf16 from an fp32 run). Each saved parameter
+        # is freed once cast, so the load holds the saved copy and one cast parameter at most.
+        graphdef, abstract = sharded_abstract_state(self.initial_model_config(), self.mesh)
+        params = restore_params(final, as_saved(final, abstract))
+        digest = param_hash(params)
         if manifest.param_hash and digest != manifest.param_hash:
             raise ConfigError(f"{final}: its parameters (hash {digest}) are not those stage {manifest.name} finished "
                               f"with ({manifest.param_hash}); rerun that stage (move its folder aside) or restore them")
-        return model, digest
+
+        def cast(x: jax.Array, a: jax.ShapeDtypeStruct) -> jax.Array:
+            if x.dtype == a.dtype:
+                return x
+            y = x.astype(a.dtype)
+            x.delete()
+            return y
+
+        return nnx.merge(graphdef, jax.tree.map(cast, params, abstract)), digest
 
     def initial_model_config(self) -> ModelConfig:
         if self.config.model.hf_path:

@@ -590,6 +590,38 @@ def test_a_teacher_run_is_read_from_its_workdir_where_it_is_now_checked_by_hash(
         teacher(RunContext(config, tmp_path / "student"))
 
 
+def test_a_teacher_read_at_another_param_dtype_is_checked_against_the_parameters_its_run_saved(tmp_path):
+    """teacher.model.param_dtype=bfloat16 (to save memory) over an fp32 R1 run: the hash its stage recorded is
+    of the fp32 parameters, so they are checked as saved and then cast (the bf16 copy was refused as changed
+    files); a final that is not the stage's is still refused."""
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs import distill
+    from r1jax.pipeline import ConfigError, RunContext, run_pipeline
+    from r1jax.stages_distill import teacher
+
+    r1_config = tiny_r1_config(stages="pretrain,cold_start")
+    run_pipeline(r1_config, tmp_path / "r1", STAND_INS)
+    config = distill.get_config()
+    config.update_from_flattened_dict({**TINY_DISTILL, "distill.teacher.workdir": str(tmp_path / "r1"),
+                                       "distill.teacher.stage": "cold_start",
+                                       "distill.teacher.model.param_dtype": "bfloat16"})
+    model, _, _ = teacher(RunContext(config, tmp_path / "student"))
+    saved = nnx.state(RunContext(r1_config, tmp_path / "r1").model_from(tmp_path / "r1" / "cold_start" / "final"))
+    for x, y in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(saved), strict=True):
+        assert x.dtype == jnp.bfloat16 and y.dtype == jnp.float32 and x.sharding.is_equivalent_to(y.sharding, x.ndim)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y.astype(jnp.bfloat16)))
+    shutil.rmtree(tmp_path / "r1" / "cold_start" / "final")
+    shutil.copytree(tmp_path / "r1" / "pretrain" / "final", tmp_path / "r1" / "cold_start" / "final")
+    with pytest.raises(ConfigError, match=r"r1/cold_start/final: its parameters \(hash \w+\) are not those stage "
+                                          r"cold_start finished with"):
+        teacher(RunContext(config, tmp_path / "student"))
+
+
 def test_an_sft_stage_builds_its_data_once_and_reuses_it_on_a_rerun(tmp_path, capsys):
     from r1jax.stages_r1 import cached_examples
 
