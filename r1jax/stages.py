@@ -26,6 +26,7 @@ from r1jax.data.templates import get_template
 from r1jax.evaluate import evaluate_model
 from r1jax.grpo import GRPOConfig
 from r1jax.metrics import plot_curves, read_jsonl, write_report
+from r1jax.model import ModelConfig
 from r1jax.pipeline import ConfigError, RunContext, StageManifest, finished_stages
 from r1jax.rewards import CombinedReward, RewardPool, combine, get_reward
 from r1jax.sampling import SamplingConfig
@@ -232,6 +233,29 @@ def check_init(ctx: RunContext, name: str, order: StageOrder) -> None:
                          f"it or finished in the workdir: {order.before(name)}")
 
 
+def stated_model_config(ctx: RunContext) -> ModelConfig:
+    """The model `ctx`'s config describes, before the tokenizer exists: an HF folder's config.json, or the
+    config's fields with `tokenizer.vocab_size` standing in for the tokenizer's vocabulary."""
+    if ctx.config.model.hf_path:
+        return ctx.initial_model_config()
+    return ctx.model_config(vocab_size=ctx.config.tokenizer.vocab_size)
+
+
+def check_room(field: str, max_new: int, positions: int, whose: str = "the model's") -> None:
+    """A sampling budget, `field`=max_new tokens, leaves room for a prompt under the sampling model's
+    `positions` (the prompts' lengths are known only once tokenized): else a sampler fails at its first
+    call, after the stages before it trained."""
+    if max_new >= positions:
+        raise ValueError(f"{field}={max_new} leaves no room for a prompt under {whose} "
+                         f"max_position_embeddings={positions}")
+
+
+def check_room_under_model(ctx: RunContext, name: str) -> None:
+    """`<name>.max_new_tokens` leaves room for a prompt under this run's model (`check_room`)."""
+    check_room(f"{name}.max_new_tokens", ctx.config[name].max_new_tokens,
+               stated_model_config(ctx).max_position_embeddings)
+
+
 def check_fraction(section, name: str, field: str) -> None:
     """`<name>.<field>`, a share of a mix, lies in [0, 1)."""
     if field in section and not 0 <= section[field] < 1:
@@ -264,16 +288,10 @@ def validate_config(c: ConfigDict, names: list[str], workdir: Path | None = None
     finished = finished_stages(Path(workdir)) if workdir is not None else {}
 
     def model():
-        if c.model.hf_path:
-            return ctx.initial_model_config()
-        # the tokenizer's vocabulary size is not known yet: check the rest with a stand-in
-        return ctx.model_config(vocab_size=c.tokenizer.vocab_size)
+        return stated_model_config(ctx)
 
-    def leaves_room(field: str, max_new: int) -> None:  # the prompts' lengths are known only once tokenized
-        positions = model().max_position_embeddings
-        if max_new >= positions:
-            raise ValueError(f"{field}={max_new} leaves no room for a prompt under the model's "
-                             f"max_position_embeddings={positions}")
+    def leaves_room(field: str, max_new: int) -> None:
+        check_room(field, max_new, model().max_position_embeddings)
 
     def checkpoint():
         for name in ("every", "keep"):

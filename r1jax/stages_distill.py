@@ -19,6 +19,7 @@ CPU seconds, the fair measure on a machine shared with other jobs).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -31,9 +32,10 @@ from ml_collections import ConfigDict
 
 from r1jax.data.filters import filter_samples
 from r1jax.data.templates import get_template
+from r1jax.model.hf import read_config
 from r1jax.pipeline import RunContext, finished_stage
 from r1jax.rewards import combine, get_reward
-from r1jax.stages import SECTION_CHECKS, StageOrder, check_counts, reward_table
+from r1jax.stages import SECTION_CHECKS, StageOrder, check_counts, check_room, reward_table, stated_model_config
 from r1jax.stages_r1 import (
     GRPORun,
     cached_examples,
@@ -59,7 +61,7 @@ def teacher(ctx: RunContext) -> tuple[nnx.Module, Any, str]:
     from r1jax.data.tokenizer import SentencePieceTokenizer, load_hf_tokenizer
     from r1jax.model import load_hf
 
-    t, c = ctx.config.distill.teacher, ctx.config
+    t = ctx.config.distill.teacher
     if t.hf_path:  # an HF teacher brings its own tokenizer (tokenizer_path serves Orbax checkpoints)
         model = load_hf(t.hf_path, mesh=ctx.mesh, **ctx.runtime_model_fields())
         return model, load_hf_tokenizer(t.hf_path), t.hf_path
@@ -69,23 +71,40 @@ def teacher(ctx: RunContext) -> tuple[nnx.Module, Any, str]:
             f"distill.teacher: no finished stage {t.stage!r} under {t.workdir!r}; run "
             f"`python -m r1jax.train --config=r1 --workdir {t.workdir}` first, or set "
             "--config.distill.teacher.checkpoint (Orbax params) or --config.distill.teacher.hf_path")
-    # The teacher's model config and tokenizer: this run's config with the teacher's model section.
-    teacher_config = ConfigDict(c.to_dict())
-    teacher_config.model = ConfigDict(t.model.to_dict())
     if t.tokenizer_path:
         tok = load_hf_tokenizer(t.tokenizer_path)
     elif (Path(t.workdir) / "tokenizer" / "spm.model").exists():
         tok = SentencePieceTokenizer(Path(t.workdir) / "tokenizer" / "spm.model")
     else:  # the embedded default trains one tokenizer per corpus: the teacher's is this run's
         tok = ctx.tokenizer
-    if not teacher_config.model.vocab_size and not teacher_config.model.preset:
-        teacher_config.model.vocab_size = tok.vocab_size
-    teacher_ctx = RunContext(teacher_config, Path(t.workdir))
+    teacher_ctx = teacher_run(ctx)
+    if not teacher_ctx.config.model.vocab_size and not teacher_ctx.config.model.preset:
+        teacher_ctx.config.model.vocab_size = tok.vocab_size
     if manifest is None:
         return teacher_ctx.model_from(Path(t.checkpoint)), tok, t.checkpoint
     # The teacher run's stage as it is in its workdir now, checked against the hash the stage recorded.
     model, _ = teacher_ctx.stage_model(manifest)
     return model, tok, str(teacher_ctx.final_dir(t.stage))
+
+
+def teacher_run(ctx: RunContext) -> RunContext:
+    """The run of a `checkpoint` or `workdir` teacher: this run's config with the teacher's model section
+    (`distill.teacher.model`), in the teacher's workdir."""
+    config = ConfigDict(ctx.config.to_dict())
+    config.model = ConfigDict(ctx.config.distill.teacher.model.to_dict())
+    return RunContext(config, Path(ctx.config.distill.teacher.workdir))
+
+
+def check_room_under_teacher(ctx: RunContext, name: str) -> None:
+    """`<name>.max_new_tokens`, the teacher's sampling budget, leaves room for a prompt under the teacher's
+    positions: its HF folder's config.json, or its model section (no weights are read)."""
+    t = ctx.config[name].teacher
+    folder = t.hf_path or t.model.hf_path
+    if folder and not (Path(folder) / "config.json").exists():
+        return  # not there to read before the run starts (the distill stage loads the teacher and says so)
+    model = read_config(t.hf_path) if t.hf_path else stated_model_config(teacher_run(ctx))
+    check_room(f"{name}.max_new_tokens", ctx.config[name].max_new_tokens, model.max_position_embeddings,
+               "the teacher's")
 
 
 def distill_examples(ctx: RunContext, section, stage_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -222,4 +241,5 @@ def check_student_rl(ctx: RunContext, name: str, order: StageOrder) -> None:
     check_counts(s, name, "calibration_steps")
 
 
-SECTION_CHECKS.update(distill=check_sft_stage, student_rl=check_student_rl)
+SECTION_CHECKS.update(distill=functools.partial(check_sft_stage, room=check_room_under_teacher),
+                      student_rl=check_student_rl)

@@ -71,6 +71,7 @@ from r1jax.stages import (
     check_counts,
     check_fraction,
     check_init,
+    check_room_under_model,
     grpo_run_config,
     per_process,
     sft_run_config,
@@ -572,20 +573,26 @@ R1_STAGES = {"cold_start": cold_start, "reasoning_rl": reasoning_rl, "rejection_
 # ------------------------------------------------------------------------------------ config checks
 
 
-def check_sampling_section(ctx: RunContext, name: str) -> None:
-    """A section that samples from a model and filters what it gets (cold start, rejection SFT, distill)."""
+def check_sampling_section(ctx: RunContext, name: str,
+                           room: Callable[[RunContext, str], None] = check_room_under_model) -> None:
+    """A section that samples from a model and filters what it gets (cold start, rejection SFT, distill).
+    `room(ctx, name)`: its max_new_tokens leaves room for a prompt under the model that samples (this run's,
+    or distill's teacher), unless it reads its samples from a file instead."""
     section = ctx.config[name]
     sampling_config(section, STAND_IN_TOKENIZER)
+    if not section.get("data_path") and not section.get("traces_path"):
+        room(ctx, name)
     check_counts(section, name, "prompts", "samples_per_prompt")
     if "filters" in section:
         filter_config(section, ctx.config)
     check_fraction(section, name, "general_fraction")
 
 
-def check_sft_stage(ctx: RunContext, name: str, order: StageOrder) -> None:
+def check_sft_stage(ctx: RunContext, name: str, order: StageOrder,
+                    room: Callable[[RunContext, str], None] = check_room_under_model) -> None:
     check_init(ctx, name, order)
     sft_run_config(ctx.config[name], ctx.config.seed)
-    check_sampling_section(ctx, name)
+    check_sampling_section(ctx, name, room)
     if "sample_from" in ctx.config[name]:
         source, first = ctx.config[name].sample_from, order.names.index(name) == 0
         # "previous" is the stage before it in config.stages, as for `init`: the first stage's names none, and
@@ -603,6 +610,7 @@ def check_grpo_stage(ctx: RunContext, name: str, order: StageOrder) -> None:
     check_init(ctx, name, order)
     section = ctx.config[name]
     grpo_run_config(section, sampling_config(section, STAND_IN_TOKENIZER), ctx.config.seed)
+    check_room_under_model(ctx, name)
     check_fraction(section, name, "general_fraction")
     if "rewards" in section and name in R1_STAGES:
         rule_rewards(ctx, section.rewards)

@@ -622,6 +622,37 @@ def test_a_teacher_read_at_another_param_dtype_is_checked_against_the_parameters
         teacher(RunContext(config, tmp_path / "student"))
 
 
+def test_the_teachers_samples_leave_room_under_the_teachers_positions_not_the_students(tmp_path):
+    """distill.max_new_tokens is the teacher's sampling budget: checked against the teacher's positions (its
+    model section, or its HF folder's config.json), before any stage runs; not checked where no teacher
+    samples (traces_path) or where its config.json is not there to read (the distill stage loads it)."""
+    from configs import distill
+    from r1jax.model import get_preset, to_hf_config
+    from r1jax.pipeline import ConfigError, stage_names
+    from r1jax.stages import validate_config
+
+    config = distill.get_config()
+    config.model.max_position_embeddings = 64  # the student's
+    config.distill.teacher.model.max_position_embeddings = 256
+    config.distill.max_new_tokens = 100
+    validate_config(config, stage_names(config))
+    config.distill.teacher.model.max_position_embeddings = 100
+    refused = r"config.distill: distill.max_new_tokens=100 leaves no room for a prompt under the teacher's " \
+              r"max_position_embeddings=100"
+    with pytest.raises(ConfigError, match=refused):
+        validate_config(config, stage_names(config))
+    config.distill.traces_path = str(tmp_path / "traces.jsonl")
+    validate_config(config, stage_names(config))
+
+    config.distill.traces_path, config.distill.teacher.hf_path = "", str(tmp_path / "teacher")
+    validate_config(config, stage_names(config))  # no config.json (yet): the distill stage reads the folder
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps(to_hf_config(get_preset(
+        "tiny-qwen2", max_position_embeddings=100))))
+    with pytest.raises(ConfigError, match=refused):
+        validate_config(config, stage_names(config))
+
+
 def test_an_sft_stage_builds_its_data_once_and_reuses_it_on_a_rerun(tmp_path, capsys):
     from r1jax.stages_r1 import cached_examples
 

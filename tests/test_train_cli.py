@@ -423,6 +423,16 @@ def test_bad_values_fail_before_any_work(tmp_path, monkeypatch, changes, message
     ("distill", {"student_rl.budget_from": "distil"}, "config.student_rl: student_rl.budget_from='distil' must name"),
     ("distill", {"student_rl.template": "nope"}, "config.student_rl: template='nope' is not registered"),
     ("r1zero", {"model.hf_path": "/ckpt/Qwen2.5-1.5B"}, "the pretrain stage trains the embedded synthetic corpus"),
+    # each stage's own sampling leaves room for a prompt (it failed at that stage's first sampling)
+    ("r1", {"cold_start.max_new_tokens": 128}, "config.cold_start: cold_start.max_new_tokens=128 leaves no room for a "
+                                               "prompt under the model's max_position_embeddings=128"),
+    ("r1", {"reasoning_rl.max_new_tokens": 200}, "config.reasoning_rl: reasoning_rl.max_new_tokens=200 leaves no room"),
+    ("r1", {"rejection_sft.max_new_tokens": 1000}, "config.rejection_sft: rejection_sft.max_new_tokens=1000 leaves no "
+                                                   "room for a prompt under the model's max_position_embeddings=128"),
+    ("r1", {"rl_all.max_new_tokens": 128}, "config.rl_all: rl_all.max_new_tokens=128 leaves no room"),
+    ("distill", {"student_rl.max_new_tokens": 128}, "config.student_rl: student_rl.max_new_tokens=128 leaves no room"),
+    ("distill", {"distill.max_new_tokens": 300}, "config.distill: distill.max_new_tokens=300 leaves no room for a "
+                                                 "prompt under the teacher's max_position_embeddings=128"),
 ])
 def test_r1_and_distillation_sections_are_checked_before_any_stage_runs(config_name, changes, message):
     """Every stage's own section, not only R1-Zero's: a bad value in the fourth stage fails before the first
