@@ -205,11 +205,12 @@ def _inverse_cdf_draw(x: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Arra
 
     One uniform per row and level (`_draw_levels`): the Gumbel-max trick needs B·V random numbers per
     step, which on XLA:CPU costs more than the rest of the sampling step together. The uniforms lie on
-    a grid of 2^-24 (jax.random.uniform's is 2^-23). Under the partitionable threefry each row's are
-    the same however the rows are sharded.
+    a grid of 2^-24 (jax.random.uniform's is 2^-23). Drawn [B, levels]: under the partitionable threefry
+    a row's uniforms then depend on its index alone, not on how many rows there are (padding) nor on how
+    they are sharded.
     """
     rows, v = x.shape
-    bits = jax.random.bits(key, (len(_draw_levels(v)), rows), jnp.uint32)
+    bits = jax.random.bits(key, (rows, len(_draw_levels(v))), jnp.uint32).T
     return _inverse_cdf(x, (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24))
 
 
@@ -221,7 +222,7 @@ def _inverse_cdf(x: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
     token — is never chosen), then descends into it. Each running sum adds up at most `_FAN_OUT`
     entries and resolves ≈ 1e-7 of its block's mass, where one sum over the whole vocabulary resolved
     ≈ 1e-7 of the total. The log-normaliser is the top level's total: every unnormalised probability
-    summed once.
+    summed once. A row with no mass at all (NaN or -inf logits) draws token V - 1, never the padding.
     """
     rows, v = x.shape
     sizes = _draw_levels(v)
@@ -239,7 +240,7 @@ def _inverse_cdf(x: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
         token = token * n + pick
         if width > 1:  # the chosen entry's tokens: [B, width]
             p = jax.vmap(lambda row, i, w=width: jax.lax.dynamic_slice_in_dim(row, i * w, w))(p, pick)
-    return token, m[:, 0] + jnp.log(total)
+    return jnp.minimum(token, v - 1), m[:, 0] + jnp.log(total)
 
 
 def _first_crossing(p: jax.Array, cdf: jax.Array, threshold: jax.Array) -> jax.Array:

@@ -478,6 +478,22 @@ def test_the_draw_never_chooses_a_block_or_token_of_zero_mass():
     assert set(np.unique(tokens).tolist()) == set(kept.tolist())
 
 
+def test_a_rows_draw_depends_on_its_index_alone_and_stays_in_the_vocabulary():
+    """A row draws the same token whatever rows follow it (padding to another bucket, another mesh's
+    share), at every level of a three-level draw; a row with no mass (NaN or -inf logits, e.g. diverged
+    weights) draws a real token id, V - 1, not one of the padding past V."""
+    v = 151_936
+    assert len(sampling._draw_levels(v)) == 3
+    x = jax.random.normal(jax.random.key(1), (8, v)) * 3
+    key = jax.random.key(2)
+    np.testing.assert_array_equal(np.asarray(sampling._inverse_cdf_draw(x[:3], key)[0]),
+                                  np.asarray(sampling._inverse_cdf_draw(x, key)[0])[:3])
+    dead = jnp.stack([jnp.full(v, jnp.nan), jnp.full(v, -jnp.inf)])
+    for width in (v, 65, 4097):
+        tokens = np.asarray(sampling._inverse_cdf_draw(dead[:, :width], key)[0])
+        assert (tokens == width - 1).all(), (width, tokens)
+
+
 def drawn_probability(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """The exact probability that the sampler draws each token from one row of logits [V]: each level's uniform
     takes the 2^24 values k·2^-24, and the entry a level chooses is monotone in its uniform. Level by level (top
