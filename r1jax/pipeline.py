@@ -182,9 +182,14 @@ def as_saved(path: Path, abstract: nnx.State) -> nnx.State:
     with ocp.StandardCheckpointer() as ckptr:
         metadata = ckptr.metadata(path.absolute()).item_metadata
     saved = {_key_path_name(p): m.dtype for p, m in jax.tree_util.tree_leaves_with_path(metadata)}
-    return jax.tree_util.tree_map_with_path(
-        lambda p, a: jax.ShapeDtypeStruct(a.shape, saved.get(_key_path_name(p), a.dtype), sharding=a.sharding),
-        abstract)
+
+    def at_saved_dtype(p, a: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        if _key_path_name(p) not in saved:  # else a cast restore would fail the hash check as "changed files"
+            raise ConfigError(f"{path}: holds no parameter {_key_path_name(p)} (it has {sorted(saved)[:8]}…): "
+                              "not a checkpoint of this model")
+        return jax.ShapeDtypeStruct(a.shape, saved[_key_path_name(p)], sharding=a.sharding)
+
+    return jax.tree_util.tree_map_with_path(at_saved_dtype, abstract)
 
 
 # ------------------------------------------------------------------------------------ run context
@@ -288,7 +293,8 @@ class RunContext:
                               "parameters are gone; rerun that stage (move its folder aside) or restore them")
         # The recorded hash is of the parameters as the stage saved them: read them so, check them, then cast them
         # to this run's param_dtype (a distillation teacher read at bf16 from an fp32 run). Each saved parameter
-        # is freed once cast, so the load holds the saved copy and one cast parameter at most.
+        # is freed once cast, so the load peaks at the whole saved copy (fp32: twice a bf16 model's memory)
+        # plus one cast parameter.
         graphdef, abstract = sharded_abstract_state(self.initial_model_config(), self.mesh)
         params = restore_params(final, as_saved(final, abstract))
         digest = param_hash(params)

@@ -503,3 +503,23 @@ def test_multihost_sigterm_stops_every_host_at_the_same_step(tmp_path):
     state, _, _ = ckpt.restore(abstract_state={"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=dev0)})
     np.testing.assert_array_equal(state["w"], np.full(4, step, np.float32))
     ckpt.close()
+
+
+def test_reading_a_stage_at_its_saved_dtypes_names_a_parameter_the_checkpoint_lacks(tmp_path):
+    """`as_saved` (how a stage's final is read before its hash check) refuses a checkpoint of another model,
+    naming the missing parameter, rather than restoring it cast and calling the files changed."""
+    from flax import nnx
+
+    from r1jax.model import get_preset, init_model
+    from r1jax.model.build import sharded_abstract_state
+    from r1jax.pipeline import ConfigError, as_saved, save_params
+    from r1jax.sharding import make_mesh
+
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    one_layer = get_preset("tiny-qwen2").replace(num_layers=1)
+    save_params(nnx.state(init_model(one_layer, seed=0)), tmp_path / "final")
+    _, same = sharded_abstract_state(one_layer, mesh)
+    assert jax.tree.leaves(as_saved(tmp_path / "final", same))  # its own model reads back
+    _, two = sharded_abstract_state(one_layer.replace(num_layers=2), mesh)
+    with pytest.raises(ConfigError, match=r"holds no parameter layers\.1\..*not a checkpoint of this model"):
+        as_saved(tmp_path / "final", two)
