@@ -231,11 +231,21 @@ def test_a_failed_export_leaves_the_previous_export_as_it_was(tmp_path, monkeypa
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     x = jnp.asarray(tokens(1, 8))
     np.testing.assert_array_equal(np.asarray(load_hf(out)(x)), np.asarray(old(x)))
-    killed = out / ".save_hf-killed"  # what an export killed mid-write leaves (no `finally` ran)
-    killed.mkdir()
-    (killed / "model.safetensors").write_bytes(b"partial")
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = out / f".save_hf-{gone.stdout.strip()}@{host}-x1"  # an export killed mid-write (no `finally` ran)
+    running = [out / f".save_hf-{os.getpid()}@{host}-x2", out / ".save_hf-123@another-host-x3"]  # may be writing
+    for staging in (killed, *running):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"partial")
     save_hf(new, out)
-    assert not killed.exists() and not list(out.glob(".save_hf-*"))
+    assert not killed.exists() and all(staging.exists() for staging in running)
+    assert sorted(out.glob(".save_hf-*")) == sorted(running)
     np.testing.assert_array_equal(np.asarray(load_hf(out)(x)), np.asarray(new(x)))
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -171,6 +172,23 @@ def _host_array(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def _owner_alive(staging_name: str) -> bool:
+    """Whether the export that made staging folder `.save_hf-PID@HOST-…` may still be running: its process
+    lives on this host, or the folder is another host's (left alone: this one cannot tell)."""
+    pid, _, host = staging_name[len(_STAGING_PREFIX):].rsplit("-", 1)[0].partition("@")
+    if not pid.isdigit():
+        return False  # not a name save_hf gives
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
 def save_hf(
     model: Transformer,
     path: str | os.PathLike,
@@ -246,8 +264,10 @@ def save_hf(
     ours = {f for f in folder.glob("model*.safetensors") if _WEIGHT_FILE.fullmatch(f.name)}
     ours |= {folder / INDEX_FILE, folder / GENERATION_FILE}
     for left in folder.glob(f"{_STAGING_PREFIX}*"):  # an export killed before it could clean up
-        shutil.rmtree(left, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=folder))  # same filesystem: os.replace renames
+        if not _owner_alive(left.name):
+            shutil.rmtree(left, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}-",
+                                    dir=folder))  # same filesystem: os.replace renames
     try:
         for fname, shard in weight_files.items():
             save_file(shard, staging / fname, metadata={"format": "pt"})
