@@ -267,8 +267,8 @@ class GRPOTrainer:
         update_metrics = []
         mb = rows // cfg.num_minibatches
         params, opt_state = self.params, self.opt_state
-        planned = schedule_step(opt_state)  # the schedule's count at the next planned update
-        lr_count = planned + updates_per_step(cfg) - 1  # the last update taken's count (none taken: the last planned)
+        first = schedule_step(opt_state)  # the schedule's count at this step's first update (skipped ones count)
+        lr_count = first + updates_per_step(cfg) - 1  # the last update taken's (none taken: the last planned)
         with mesh_context(self.mesh):
             for it in range(cfg.loss.num_iterations):
                 groups = np.arange(rows // g)
@@ -278,11 +278,10 @@ class GRPOTrainer:
                 order = (groups[:, None] * g + np.arange(g)).ravel()  # whole groups: prompts run once per group
                 for i in range(cfg.num_minibatches):
                     idx = order[i * mb:(i + 1) * mb]
-                    planned += 1
                     if not real[idx].any():  # only filler: no step (AdamW's momentum would still move weights)
                         opt_state = skip_update(opt_state)
                         continue
-                    lr_count = planned - 1
+                    lr_count = first + it * cfg.num_minibatches + i
                     minibatch = batch_dev if cfg.num_minibatches == 1 else _one_at_a_time(_take_rows(batch_dev, idx))
                     params, opt_state, m = _one_at_a_time(self._update(params, opt_state, minibatch))
                     update_metrics.append(m)
